@@ -1,0 +1,1 @@
+"""The eBPF datapath: tc programs + pinned hash maps, programmed with batch ops."""

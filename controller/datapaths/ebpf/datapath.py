@@ -1,0 +1,169 @@
+"""The eBPF datapath: compile, pin, attach, program.
+
+Lifecycle:
+
+* ``start()`` compiles the programs (bcc), opens or creates the pinned maps,
+  adopts whatever a previous kpr left in them, and attaches at tc ingress/egress on
+  the links matching ``interfaces`` (atomic replace; see tc.py).
+* ``sync()`` programs the service maps (maps.py).
+* ``close()`` stops the link watcher and leaves everything in place: the filters keep
+  the programs loaded and the programs keep the maps, so forwarding continues while
+  kpr is down or restarting, as kube-proxy's rules do.
+* ``cleanup()`` removes the filters, the clsact qdiscs left empty, and the pins.
+
+Instances are isolated by pin directory (``<bpffs>/kpr/<instance>``) and, for tc, by
+network namespace; tests and simulated nodes run several on one machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller import kernel
+from controller.datapaths.base import DatapathError, Probe, SyncResult
+from controller.datapaths.ebpf import loader, tc
+from controller.datapaths.ebpf.maps import MapOpError, ServiceMaps
+from controller.model import Diff, State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/kpr")
+
+
+@dataclass(frozen=True, slots=True)
+class EbpfConfig:
+    """Settings of the eBPF datapath."""
+
+    interfaces: list[str] = field(default_factory=list)
+    """Link names/globs to attach to."""
+    instance: str = "default"
+    """Instance name: pin directory and filter names."""
+    pin_root: Path = DEFAULT_PIN_ROOT
+    """Parent of the per-instance pin directory on bpffs."""
+    sizes: loader.MapSizes = field(default_factory=loader.MapSizes)
+    """Map capacities."""
+    netns: str | None = None
+    """Named network namespace to attach in (None: the process's own)."""
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.pin_root / self.instance
+
+
+class EbpfDatapath:
+    """tc programs + pinned maps."""
+
+    name = "ebpf"
+
+    def __init__(self, cfg: EbpfConfig) -> None:
+        self.cfg = cfg
+        self.bpf: Any = None
+        self.maps: ServiceMaps | None = None
+        self.attacher: tc.TcAttacher | None = None
+        self.prog_fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._warned_v6 = False
+
+    # ----- protocol -------------------------------------------------------------------
+
+    def probe(self) -> Probe:
+        try:
+            h = kernel.resolve_headers()
+        except kernel.KernelHeadersError as e:
+            return Probe(False, str(e))
+        if not Path("/sys/kernel/btf/vmlinux").exists() and not Path("/proc/kallsyms").exists():
+            return Probe(False, "no BPF support visible in this kernel")
+        try:
+            import bcc  # noqa: F401
+        except ImportError:
+            return Probe(False, "bcc's Python module is missing (Debian: python3-bpfcc)")
+        return Probe(True, f"kernel headers from {h.how} ({h.path})")
+
+    def start(self) -> None:
+        """Compile, load, adopt pinned state, attach."""
+        self.load()
+        if self.cfg.interfaces:
+            self.attacher = tc.TcAttacher(self.cfg.interfaces, self.prog_fds["ingress"],
+                                          self.prog_fds["egress"], self.cfg.instance,
+                                          netns=self.cfg.netns)
+            self.attacher.start()
+
+    def load(self) -> None:
+        """Compile and load the programs and maps, without attaching."""
+        if self.bpf is not None:
+            return
+        from bcc import BPF
+
+        self.bpf = loader.compile_program(self.cfg.pin_dir, self.cfg.sizes)
+        for direction in ("ingress", "egress"):
+            fn = self.bpf.load_func(f"kpr_{direction}", BPF.SCHED_CLS)
+            self.prog_fds[direction] = fn.fd
+        self.maps = ServiceMaps(self.bpf)
+        log.info("eBPF programs loaded; maps pinned in %s", self.cfg.pin_dir)
+
+    def _ipv4_only(self, entries: list[Any]) -> list[Any]:
+        out = [e for e in entries if e.frontend.ip.version == 4]
+        if len(out) != len(entries) and not self._warned_v6:
+            log.warning("eBPF datapath: IPv6 frontends are not programmed yet; skipping %d",
+                        len(entries) - len(out))
+            self._warned_v6 = True
+        return out
+
+    def sync(self, state: State, diff: Diff | None) -> SyncResult:
+        assert self.maps is not None, "start() first"
+        with self._lock:
+            try:
+                if diff is None:
+                    ops = self.maps.full_sync(State(self._ipv4_only(list(state.values()))))
+                else:
+                    ops = self.maps.incremental_sync(
+                        self._ipv4_only(list(diff.upserted)),
+                        [f for f in diff.removed if f.ip.version == 4])
+            except (MapOpError, OSError, ValueError) as e:
+                raise DatapathError(str(e)) from e
+            return SyncResult(full=diff is None, ops=ops, frontends=len(self.maps._svc))
+
+    def dump(self) -> State:
+        assert self.maps is not None, "start() first"
+        return self.maps.dump()
+
+    def close(self) -> None:
+        if self.attacher:
+            self.attacher.stop()
+
+    def cleanup(self) -> None:
+        self.close()
+        cleanup(self.cfg.pin_dir, self.cfg.netns)
+
+    # ----- observability --------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters from the per-CPU stats map, summed over CPUs."""
+        assert self.bpf is not None
+        names = loader.stat_names()
+        table = self.bpf["stats"]
+        out: dict[str, int] = {}
+        for i, name in enumerate(names):
+            out[name] = int(sum(table[table.Key(i)]))
+        return out
+
+    def map_fill(self) -> dict[str, float]:
+        assert self.maps is not None
+        return self.maps.fill()
+
+
+def cleanup(pin_dir: Path | None, netns: str | None = None) -> int:
+    """Remove kpr's tc filters in the namespace and the pin directory (idempotent).
+
+    With ``pin_dir=None`` every instance under the default pin root is removed."""
+    removed = tc.detach_all(netns)
+    target = pin_dir if pin_dir is not None else DEFAULT_PIN_ROOT
+    if target.exists():
+        shutil.rmtree(target)  # unlinking pins; maps die with their last user
+        removed += 1
+    return removed

@@ -1,0 +1,129 @@
+"""Compile and load the BPF C in bpf/ with bcc.
+
+bcc rewrites map method calls (``services4.lookup(&k)``) only in its main source
+buffer, not in included files (bcc 0.26), so the loader flattens the project's own
+``#include "kpr_*.h"`` lines into one text, with ``#line`` markers that keep compiler
+messages pointing at the real file and line. System includes are left to clang.
+
+Maps are pinned under the instance's pin directory. A pinned map whose key size,
+value size or capacity differs from what this build wants (a config change of map
+sizes, or a layout change) is unpinned first, so it is recreated rather than reused
+with the wrong shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller import kernel
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(os.environ.get("KPR_BPF_DIR") or Path(__file__).resolve().parents[3] / "bpf")
+ENTRY = "kpr_tc.c"
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+_compile_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class MapSizes:
+    """Capacities of the BPF maps (entries)."""
+
+    services: int = 65536
+    """Frontends (services4)."""
+    slots: int = 262144
+    """Backend slots summed over all services."""
+    backends: int = 131072
+    """Distinct backend address:port pairs."""
+    conntrack: int = 262144
+    """Tracked flows (ct4 and revnat4 each; LRU)."""
+    frag: int = 8192
+    """Fragmented datagrams in flight (LRU)."""
+
+    def defines(self) -> list[str]:
+        return [f"-DKPR_MAX_SERVICES={self.services}", f"-DKPR_MAX_SLOTS={self.slots}",
+                f"-DKPR_MAX_BACKENDS={self.backends}", f"-DKPR_MAX_CT={self.conntrack}",
+                f"-DKPR_MAX_FRAG={self.frag}"]
+
+
+def flatten(name: str = ENTRY, bpf_dir: Path = BPF_DIR) -> str:
+    """The entry file with local includes inlined once each (see module docstring)."""
+    seen: set[str] = set()
+
+    def expand(fname: str) -> list[str]:
+        if fname in seen:
+            return []
+        seen.add(fname)
+        out = [f'#line 1 "{fname}"\n']
+        for lineno, line in enumerate((bpf_dir / fname).read_text().splitlines(True), 1):
+            m = _INCLUDE.match(line)
+            if m and (bpf_dir / m.group(1)).exists():
+                out += expand(m.group(1))
+                out.append(f'#line {lineno + 1} "{fname}"\n')
+            else:
+                out.append(line)
+        return out
+
+    return "".join(expand(name))
+
+
+def stat_names(bpf_dir: Path = BPF_DIR) -> list[str]:
+    """Names of enum kpr_stat in index order, read from kpr_consts.h."""
+    text = (bpf_dir / "kpr_consts.h").read_text()
+    body = text[text.index("enum kpr_stat"):]
+    body = body[body.index("{") + 1: body.index("}")]
+    names = re.findall(r"KPR_STAT_([A-Z0-9_]+)", body)
+    return [n.lower() for n in names if n != "MAX"]
+
+
+# (pin file name, the MapSizes attribute that sets its capacity)
+_PINNED: list[tuple[str, str]] = [
+    ("services4_v1", "services"), ("backend_slots_v1", "slots"),
+    ("backends4_v1", "backends"), ("ct4_v1", "conntrack"), ("revnat4_v1", "conntrack"),
+    ("frag4_v1", "frag"), ("svc_names_v1", "services"),
+]
+
+
+def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
+    for fname, attr in _PINNED:
+        path = pin_dir / fname
+        info = kernel.pinned_map_info(path)
+        want = getattr(sizes, attr)
+        if info is not None and info.max_entries != want:
+            log.warning("pinned map %s holds %d entries, config wants %d: recreating it",
+                        path, info.max_entries, want)
+            path.unlink()
+
+
+def sizes_from_pins(pin_dir: Path) -> MapSizes | None:
+    """The capacities of an existing pin directory's maps (None: nothing pinned).
+
+    Readers such as ``kpr status`` open the maps with these, so they never recreate
+    a running instance's maps."""
+    found: dict[str, int] = {}
+    for fname, attr in _PINNED:
+        info = kernel.pinned_map_info(pin_dir / fname)
+        if info is not None:
+            found[attr] = info.max_entries
+    if "services" not in found:
+        return None
+    return MapSizes(**found)
+
+
+def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -> Any:
+    """Compile the programs and create/open the pinned maps. Returns a bcc.BPF."""
+    kernel.ensure_bcc_headers()
+    kernel.ensure_bpffs()
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    _unpin_mismatched(pin_dir, sizes)
+    from bcc import BPF  # imported late: importing bcc is slow and needs root
+
+    cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), "-Wno-unused-function"]
+    with _compile_lock:  # bcc/LLVM state is process-global
+        return BPF(text=flatten(ENTRY, bpf_dir), cflags=cflags)

@@ -1,0 +1,231 @@
+"""Kernel facts and low-level access: headers for bcc, bpffs, and bpf() commands that
+bcc's Python binding does not expose (object get/info, BPF_PROG_TEST_RUN).
+
+Kernel headers: bcc compiles BPF C at start-up against kernel headers. Many hosts run
+a kernel without a matching headers package (this project's CI machines do), so
+:func:`ensure_bcc_headers` resolves, in order:
+
+1. ``/lib/modules/$(uname -r)/build``: bcc finds it itself; nothing to do.
+2. ``/sys/kernel/kheaders.tar.xz`` (CONFIG_IKHEADERS): unpacked once into the cache.
+3. A distribution headers package (Debian ``linux-headers-amd64``): its ``-common``
+   and arch trees are merged into a symlink farm in the cache (``cp -rs``), and
+   ``BCC_KERNEL_SOURCE`` points there.
+
+The programs use only UAPI definitions (``__sk_buff``, ``iphdr``, ``tcphdr``), which are
+stable, so headers of another kernel version are fine. Nothing is written under
+/lib/modules.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("KPR_CACHE_DIR", "/var/cache/kpr"))
+BPFFS = Path("/sys/fs/bpf")
+
+
+class KernelHeadersError(RuntimeError):
+    """No kernel headers usable by bcc were found."""
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """Where bcc will find kernel headers."""
+
+    path: Path
+    """Directory handed to bcc (BCC_KERNEL_SOURCE), or the modules build dir."""
+    how: str
+    """Which resolution step found it: modules, kheaders or package."""
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", name))
+
+
+def _package_headers(src: Path = Path("/usr/src")) -> tuple[Path, Path] | None:
+    """Newest (arch tree, common tree) pair of Debian-style header packages."""
+    arch = platform.machine()
+    suffix = {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+    best: tuple[Path, Path] | None = None
+    for d in sorted(src.glob(f"linux-headers-*-{suffix}"), key=lambda p: _version_key(p.name)):
+        common = d.with_name(d.name[: -len(suffix)] + "common")
+        if (d / "include").is_dir() and (common / "include").is_dir():
+            best = (d, common)
+    return best
+
+
+def _build_farm(arch_dir: Path, common_dir: Path, dest: Path) -> None:
+    """Merge two header trees into ``dest`` as symlinks, atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        subprocess.run(["cp", "-rs", f"{common_dir}/.", str(tmp)], check=True)
+        subprocess.run(["cp", "-rsf", f"{arch_dir}/.", str(tmp)], check=True)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_headers(cache_dir: Path | None = None) -> Headers:
+    """Find (or prepare) kernel headers for bcc; see the module docstring."""
+    cache_dir = cache_dir or CACHE_DIR
+    release = os.uname().release
+    build = Path(f"/lib/modules/{release}/build")
+    if (build / "include").is_dir():
+        return Headers(build, "modules")
+
+    kheaders = Path("/sys/kernel/kheaders.tar.xz")
+    if kheaders.exists():
+        dest = cache_dir / f"kheaders-{release}"
+        if not (dest / "include").is_dir():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="kheaders.", dir=cache_dir))
+            with tarfile.open(kheaders) as tf:
+                tf.extractall(tmp, filter="data")
+            tmp.rename(dest)
+        return Headers(dest, "kheaders")
+
+    pair = _package_headers()
+    if pair is not None:
+        arch_dir, common_dir = pair
+        dest = cache_dir / f"headers-{arch_dir.name}"
+        if not (dest / "include").is_dir():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            _build_farm(arch_dir, common_dir, dest)
+            log.info("kernel headers: merged %s and %s into %s", common_dir.name,
+                     arch_dir.name, dest)
+        return Headers(dest, "package")
+
+    raise KernelHeadersError(
+        f"no kernel headers for bcc: none of /lib/modules/{release}/build, "
+        f"/sys/kernel/kheaders.tar.xz or /usr/src/linux-headers-*. Install them, "
+        f"e.g. 'apt-get install linux-headers-amd64' (Debian; any version works), "
+        f"or boot a kernel built with CONFIG_IKHEADERS.")
+
+
+def ensure_bcc_headers() -> Headers:
+    """Resolve headers and point bcc at them (before the first BPF() call)."""
+    h = resolve_headers()
+    if h.how != "modules":
+        os.environ["BCC_KERNEL_SOURCE"] = str(h.path)
+    return h
+
+
+def ensure_bpffs(path: Path = BPFFS) -> None:
+    """Mount bpffs at /sys/fs/bpf when it is not mounted (as Cilium does)."""
+    if os.path.ismount(path):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    log.info("mounted bpffs at %s", path)
+
+
+# ----- raw bpf() -------------------------------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+
+
+def sys_bpf(cmd: int, attr: ct.Structure) -> int:
+    """bpf(cmd, &attr, sizeof attr); raises OSError on failure."""
+    ret = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
+    if ret < 0:
+        e = ct.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(ret)
+
+
+class _ObjAttr(ct.Structure):
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32),
+                ("file_flags", ct.c_uint32), ("path_fd", ct.c_int32), ("pad", ct.c_uint32)]
+
+
+class _InfoAttr(ct.Structure):
+    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class MapInfo(ct.Structure):
+    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16)]
+
+
+def obj_get(path: Path) -> int:
+    """Open a pinned BPF object; returns a new fd."""
+    raw = ct.create_string_buffer(os.fsencode(str(path)))
+    return sys_bpf(BPF_OBJ_GET, _ObjAttr(pathname=ct.addressof(raw)))
+
+
+def pinned_map_info(path: Path) -> MapInfo | None:
+    """Key/value size and capacity of a pinned map, or None when not pinned."""
+    try:
+        fd = obj_get(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        info = MapInfo()
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
+                                                  info=ct.addressof(info)))
+        return info
+    finally:
+        os.close(fd)
+
+
+class _TestRunAttr(ct.Structure):
+    _fields_ = [("prog_fd", ct.c_uint32), ("retval", ct.c_uint32),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("data_in", ct.c_uint64), ("data_out", ct.c_uint64),
+                ("repeat", ct.c_uint32), ("duration", ct.c_uint32),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_uint64), ("ctx_out", ct.c_uint64),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32),
+                ("batch_size", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+@dataclass(frozen=True, slots=True)
+class TestRun:
+    """Outcome of BPF_PROG_TEST_RUN."""
+
+    retval: int
+    """The program's return value (TC_ACT_*)."""
+    data: bytes
+    """The packet as the program left it."""
+    duration_ns: int
+    """Mean run time per repetition, as the kernel measured it."""
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
+    """Run a loaded program on one packet in the kernel (BPF_PROG_TEST_RUN)."""
+    inb = ct.create_string_buffer(packet, len(packet))
+    out_size = len(packet) + 256
+    outb = ct.create_string_buffer(out_size)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(packet), data_size_out=out_size,
+                        data_in=ct.addressof(inb), data_out=ct.addressof(outb),
+                        repeat=repeat)
+    sys_bpf(BPF_PROG_TEST_RUN, attr)
+    return TestRun(attr.retval, outb.raw[: attr.data_size_out], attr.duration)

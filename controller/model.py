@@ -1,0 +1,178 @@
+"""The desired forwarding state of one node, independent of any datapath.
+
+A :class:`State` maps each :class:`Frontend` (address, port, protocol) to the
+:class:`ServiceEntry` that says where new flows to it go. Datapaths receive a whole
+State plus, for incremental syncs, the :class:`Diff` from the previous one; they never
+see Kubernetes objects. Everything here is immutable and hashable, so states can be
+compared, diffed and used as dictionary keys without copies.
+
+Backends are kept in a canonical order (sorted), so two States built from the same
+objects in any order compare equal, and ``datapath.dump()`` (read from the kernel)
+can be compared with the State the controller wanted.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Protocol(enum.IntEnum):
+    """L4 protocols a Service port may use; values are IP protocol numbers."""
+
+    TCP = 6
+    UDP = 17
+    SCTP = 132
+
+
+class BackendFlag(enum.Flag):
+    """Facts about an endpoint that matter to the datapath."""
+
+    NONE = 0
+    LOCAL = enum.auto()
+    """The endpoint runs on this node."""
+    TERMINATING = enum.auto()
+    """The endpoint is shutting down (used only when no ready endpoint exists)."""
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Frontend:
+    """An address and port on which a Service accepts traffic."""
+
+    ip: IPAddress
+    """The service address (ClusterIP, external IP, ...)."""
+    port: int
+    """The service port, 1-65535."""
+    protocol: Protocol
+    """The L4 protocol."""
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}/{self.protocol.name}"
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Backend:
+    """One endpoint address and port that serves a frontend."""
+
+    ip: IPAddress
+    """The endpoint address (a pod IP, or a node IP for host-network pods)."""
+    port: int
+    """The endpoint (target) port, 1-65535."""
+    flags: BackendFlag = field(default=BackendFlag.NONE, compare=False)
+    """Datapath-relevant facts; not part of identity or ordering."""
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    """Where new flows to one frontend go."""
+
+    frontend: Frontend
+    """The address/port/protocol this entry serves."""
+    backends: tuple[Backend, ...]
+    """Backends for new flows, sorted; empty means "no endpoints"."""
+    name: str = ""
+    """Human-readable origin, ``namespace/service:port-name``; informational."""
+
+    @staticmethod
+    def make(frontend: Frontend, backends: Iterable[Backend], name: str = "") -> ServiceEntry:
+        """Build an entry with backends deduplicated and in canonical order."""
+        return ServiceEntry(frontend, tuple(sorted(set(backends))), name)
+
+
+class State(Mapping[Frontend, ServiceEntry]):
+    """An immutable mapping Frontend -> ServiceEntry."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Iterable[ServiceEntry] = ()) -> None:
+        self._entries: dict[Frontend, ServiceEntry] = {}
+        for e in entries:
+            if e.frontend in self._entries and self._entries[e.frontend] != e:
+                # Two Services claiming one frontend: keep the first by name, like
+                # kube-proxy keeps one rule per ip:port (the API server normally
+                # prevents this; a file source cannot).
+                if e.name >= self._entries[e.frontend].name:
+                    continue
+            self._entries[e.frontend] = e
+
+    def __getitem__(self, key: Frontend) -> ServiceEntry:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[Frontend]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, State):
+            return self._entries == other._entries
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._entries.items()))
+
+    def __repr__(self) -> str:
+        return f"State({len(self)} frontends)"
+
+    def entries(self) -> list[ServiceEntry]:
+        """Entries in frontend order."""
+        return [self._entries[f] for f in sorted(self._entries)]
+
+    def backend_count(self) -> int:
+        return sum(len(e.backends) for e in self._entries.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    """What changed between two States."""
+
+    upserted: tuple[ServiceEntry, ...] = ()
+    """Entries that are new or whose content changed."""
+    removed: tuple[Frontend, ...] = ()
+    """Frontends that no longer exist."""
+
+    def __bool__(self) -> bool:
+        return bool(self.upserted or self.removed)
+
+    def __len__(self) -> int:
+        return len(self.upserted) + len(self.removed)
+
+    @staticmethod
+    def between(old: Mapping[Frontend, ServiceEntry], new: Mapping[Frontend, ServiceEntry],
+                only: Iterable[Frontend] | None = None) -> Diff:
+        """The diff from ``old`` to ``new``.
+
+        ``only`` restricts the comparison to the given frontends: the sync loop
+        passes the frontends of the Services that changed, so one change among
+        50,000 Services costs work proportional to that Service.
+        """
+        keys: Iterable[Frontend] = (set(old) | set(new)) if only is None else set(only)
+        upserted: list[ServiceEntry] = []
+        removed: list[Frontend] = []
+        for f in sorted(keys):
+            n = new.get(f)
+            if n is None:
+                if f in old:
+                    removed.append(f)
+            elif old.get(f) != n:
+                upserted.append(n)
+        return Diff(tuple(upserted), tuple(removed))
+
+    def apply(self, old: Mapping[Frontend, ServiceEntry]) -> State:
+        """``old`` with this diff applied (for tests and the property check)."""
+        d = dict(old)
+        for f in self.removed:
+            d.pop(f, None)
+        for e in self.upserted:
+            d[e.frontend] = e
+        return State(d.values())

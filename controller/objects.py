@@ -1,0 +1,340 @@
+"""Typed, validated views of the Kubernetes objects kpr consumes.
+
+Sources hand over plain dicts exactly as the API server (or ``kubectl get -o json``)
+prints them. :func:`parse_service` and :func:`parse_slice` turn one dict into a frozen
+dataclass or raise :class:`ObjectError`, whose message names the object and the field
+path (``Service default/web: spec.ports[1].port: ...``). Validation is per object: a bad
+object is reported and skipped, every other object is still programmed.
+
+Only the fields the proxy uses are read; unknown fields are ignored, as the API
+server's clients do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controller.model import IPAddress, Protocol
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+"""EndpointSlice label naming the Service it belongs to."""
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+"""Service label that hands the Service to another proxy (kube-proxy skips these)."""
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+
+
+class ObjectError(ValueError):
+    """A Kubernetes object that cannot be used, with the object and field named."""
+
+    def __init__(self, kind: str, ref: str, path: str, message: str) -> None:
+        self.kind = kind
+        self.ref = ref
+        self.path = path
+        self.message = message
+        super().__init__(f"{kind} {ref}: {path}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectKey:
+    """Namespace and name of an object."""
+
+    namespace: str
+    """metadata.namespace ("default" when absent, as kubectl does)."""
+    name: str
+    """metadata.name."""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One entry of spec.ports."""
+
+    name: str
+    """Port name; "" for a single unnamed port."""
+    port: int
+    """The service port."""
+    protocol: Protocol
+    """TCP (default), UDP or SCTP."""
+    node_port: int
+    """spec.ports[].nodePort, 0 when unset."""
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A v1/Service, reduced to what the proxy needs."""
+
+    key: ObjectKey
+    """Namespace and name."""
+    resource_version: str
+    """metadata.resourceVersion, "" when absent (file sources)."""
+    type: str
+    """spec.type: ClusterIP, NodePort, LoadBalancer or ExternalName."""
+    cluster_ips: tuple[IPAddress, ...]
+    """spec.clusterIPs (or the single spec.clusterIP); empty for headless."""
+    ports: tuple[ServicePort, ...]
+    """spec.ports."""
+    labels: Mapping[str, str]
+    """metadata.labels."""
+
+    @property
+    def headless(self) -> bool:
+        return not self.cluster_ips
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConditions:
+    """endpoints[].conditions, with the API's defaults for unset fields applied."""
+
+    ready: bool
+    """Unset means ready (API contract)."""
+    serving: bool
+    """Unset means the same as ready."""
+    terminating: bool
+    """Unset means not terminating."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One entry of endpoints[] of an EndpointSlice."""
+
+    addresses: tuple[IPAddress, ...]
+    """endpoints[].addresses (kube-proxy uses only the first)."""
+    conditions: EndpointConditions
+    """Readiness facts."""
+    node_name: str
+    """endpoints[].nodeName, "" when unset."""
+    zone: str
+    """endpoints[].zone, "" when unset."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    """One entry of ports[] of an EndpointSlice."""
+
+    name: str
+    """Matches ServicePort.name."""
+    port: int
+    """The target port."""
+    protocol: Protocol
+    """Matches ServicePort.protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """A discovery.k8s.io/v1 EndpointSlice, reduced to what the proxy needs."""
+
+    key: ObjectKey
+    """Namespace and name of the slice itself."""
+    service: ObjectKey
+    """The Service it belongs to (label kubernetes.io/service-name)."""
+    address_type: str
+    """IPv4, IPv6 or FQDN (FQDN slices are ignored, as kube-proxy does)."""
+    endpoints: tuple[Endpoint, ...]
+    """endpoints[]."""
+    ports: tuple[EndpointPort, ...]
+    """ports[]."""
+
+
+def object_ref(obj: Any) -> str:
+    """``namespace/name`` of a raw object, as well as it can be read."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return "<no metadata>"
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or '<no name>'}"
+
+
+class _Reader:
+    """Field access that raises ObjectError with the field's path."""
+
+    def __init__(self, kind: str, obj: Any) -> None:
+        self.kind = kind
+        self.ref = object_ref(obj)
+
+    def fail(self, path: str, message: str) -> ObjectError:
+        return ObjectError(self.kind, self.ref, path, message)
+
+    def mapping(self, value: Any, path: str, required: bool = False) -> Mapping[str, Any]:
+        if value is None and not required:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"must be an object, got {_show(value)}")
+        return value
+
+    def seq(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be a list, got {_show(value)}")
+        return value
+
+    def string(self, value: Any, path: str, default: str = "") -> str:
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(path, f"must be a string, got {_show(value)}")
+        return value
+
+    def boolean(self, value: Any, path: str, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be true or false, got {_show(value)}")
+        return value
+
+    def port(self, value: Any, path: str, allow_zero: bool = False) -> int:
+        lo = 0 if allow_zero else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 65535:
+            raise self.fail(path, f"must be an integer {lo}-65535, got {_show(value)}")
+        return value
+
+    def protocol(self, value: Any, path: str) -> Protocol:
+        if value is None:
+            return Protocol.TCP
+        if isinstance(value, str) and value in Protocol.__members__:
+            return Protocol[value]
+        raise self.fail(path, f"must be TCP, UDP or SCTP, got {_show(value)}")
+
+    def ip(self, value: Any, path: str) -> IPAddress:
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.ip_address(value)
+        except ValueError:
+            raise self.fail(path, f"must be an IP address, got {_show(value)}") from None
+
+    def key(self, obj: Mapping[str, Any]) -> tuple[ObjectKey, Mapping[str, Any]]:
+        meta = self.mapping(obj.get("metadata"), "metadata", required=True)
+        name = self.string(meta.get("name"), "metadata.name")
+        if not name:
+            raise self.fail("metadata.name", "is required")
+        ns = self.string(meta.get("namespace"), "metadata.namespace") or "default"
+        return ObjectKey(ns, name), meta
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _labels(r: _Reader, meta: Mapping[str, Any]) -> dict[str, str]:
+    labels = r.mapping(meta.get("labels"), "metadata.labels")
+    return {str(k): r.string(v, f"metadata.labels[{k}]") for k, v in labels.items()}
+
+
+def parse_service(obj: Any) -> Service:
+    """Validate a raw v1/Service dict."""
+    r = _Reader("Service", obj)
+    obj = r.mapping(obj, "<object>", required=True)
+    key, meta = r.key(obj)
+    spec = r.mapping(obj.get("spec"), "spec")
+    svc_type = r.string(spec.get("type"), "spec.type", "ClusterIP")
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise r.fail("spec.type", f"must be ClusterIP, NodePort, LoadBalancer or ExternalName, "
+                                  f"got {_show(svc_type)}")
+
+    ips: list[IPAddress] = []
+    raw_ips = spec.get("clusterIPs")
+    if raw_ips is not None:
+        for i, v in enumerate(r.seq(raw_ips, "spec.clusterIPs")):
+            if v == "None":
+                ips = []
+                break
+            ips.append(r.ip(v, f"spec.clusterIPs[{i}]"))
+    else:
+        single = spec.get("clusterIP")
+        if single not in (None, "", "None"):
+            ips.append(r.ip(single, "spec.clusterIP"))
+    if svc_type == "ExternalName":
+        ips = []
+
+    ports: list[ServicePort] = []
+    seen: set[tuple[int, Protocol]] = set()
+    for i, p in enumerate(r.seq(spec.get("ports"), "spec.ports")):
+        path = f"spec.ports[{i}]"
+        p = r.mapping(p, path, required=True)
+        sp = ServicePort(
+            name=r.string(p.get("name"), f"{path}.name"),
+            port=r.port(p.get("port"), f"{path}.port"),
+            protocol=r.protocol(p.get("protocol"), f"{path}.protocol"),
+            node_port=r.port(p.get("nodePort", 0), f"{path}.nodePort", allow_zero=True),
+        )
+        if (sp.port, sp.protocol) in seen:
+            raise r.fail(f"{path}.port", f"duplicate port {sp.port}/{sp.protocol.name}")
+        seen.add((sp.port, sp.protocol))
+        ports.append(sp)
+
+    return Service(
+        key=key,
+        resource_version=r.string(meta.get("resourceVersion"), "metadata.resourceVersion"),
+        type=svc_type,
+        cluster_ips=tuple(ips),
+        ports=tuple(ports),
+        labels=_labels(r, meta),
+    )
+
+
+def parse_slice(obj: Any) -> EndpointSlice:
+    """Validate a raw discovery.k8s.io/v1 EndpointSlice dict."""
+    r = _Reader("EndpointSlice", obj)
+    obj = r.mapping(obj, "<object>", required=True)
+    key, meta = r.key(obj)
+    labels = _labels(r, meta)
+    svc_name = labels.get(SERVICE_NAME_LABEL, "")
+    if not svc_name:
+        raise r.fail(f"metadata.labels[{SERVICE_NAME_LABEL}]", "is required")
+    address_type = r.string(obj.get("addressType"), "addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise r.fail("addressType", f"must be IPv4, IPv6 or FQDN, got {_show(address_type)}")
+
+    endpoints: list[Endpoint] = []
+    for i, e in enumerate(r.seq(obj.get("endpoints"), "endpoints")):
+        path = f"endpoints[{i}]"
+        e = r.mapping(e, path, required=True)
+        addrs: list[IPAddress] = []
+        raw_addrs = r.seq(e.get("addresses"), f"{path}.addresses")
+        if not raw_addrs:
+            raise r.fail(f"{path}.addresses", "must hold at least one address")
+        if address_type != "FQDN":
+            want = 4 if address_type == "IPv4" else 6
+            for j, a in enumerate(raw_addrs):
+                ip = r.ip(a, f"{path}.addresses[{j}]")
+                if ip.version != want:
+                    raise r.fail(f"{path}.addresses[{j}]",
+                                 f"{ip} is not an {address_type} address")
+                addrs.append(ip)
+        cond = r.mapping(e.get("conditions"), f"{path}.conditions")
+        ready = r.boolean(cond.get("ready"), f"{path}.conditions.ready", True)
+        endpoints.append(Endpoint(
+            addresses=tuple(addrs),
+            conditions=EndpointConditions(
+                ready=ready,
+                serving=r.boolean(cond.get("serving"), f"{path}.conditions.serving", ready),
+                terminating=r.boolean(cond.get("terminating"),
+                                      f"{path}.conditions.terminating", False),
+            ),
+            node_name=r.string(e.get("nodeName"), f"{path}.nodeName"),
+            zone=r.string(e.get("zone"), f"{path}.zone"),
+        ))
+
+    ports: list[EndpointPort] = []
+    for i, p in enumerate(r.seq(obj.get("ports"), "ports")):
+        path = f"ports[{i}]"
+        p = r.mapping(p, path, required=True)
+        ports.append(EndpointPort(
+            name=r.string(p.get("name"), f"{path}.name"),
+            port=r.port(p.get("port"), f"{path}.port"),
+            protocol=r.protocol(p.get("protocol"), f"{path}.protocol"),
+        ))
+
+    return EndpointSlice(
+        key=key,
+        service=ObjectKey(key.namespace, svc_name),
+        address_type=address_type,
+        endpoints=tuple(endpoints),
+        ports=tuple(ports),
+    )

@@ -1,0 +1,312 @@
+"""A node topology in network namespaces, with real servers and clients.
+
+Used by ``kpr demo``, the integration tests and the benchmark. Layout (per testbed,
+all names carry a unique prefix so several can coexist)::
+
+    <p>-pod-a  eth0 10.244.0.11/32 --veth-- <p>a  (node side)
+    <p>-pod-b  eth0 10.244.0.12/32 --veth-- <p>b           \\
+    ...                                                      <p>-node  (kpr runs here,
+    <p>-ext    eth0 172.16.0.2/24  --veth-- <p>x 172.16.0.1    ip_forward=1)
+
+Pods are wired as a point-to-point CNI does it: a /32 on the pod side, a default
+route via the link-local gateway 169.254.1.1 (an address on every node-side veth), and
+a /32 route per pod on the node. Checksum offload is off on every veth, so a receiver
+verifies checksums in software: a wrong incremental checksum update by the datapath
+shows up as lost packets, not as silently accepted ones.
+
+Servers and clients run as threads of the calling process that ``setns`` into their
+namespace (setns(CLONE_NEWNET) affects only the calling thread), so a test makes
+hundreds of connections without a process per request. Servers answer each request
+line with ``<name> <client ip>``, so a client learns which backend answered and the
+backend's view of the client's address.
+
+Teardown stops the servers and deletes the namespaces (which deletes the veths); it
+runs on exceptions and Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import selectors
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from controller.datapaths.ebpf.tc import setns_thread
+
+T = TypeVar("T")
+GATEWAY = "169.254.1.1"
+POD_NET = ipaddress.IPv4Network("10.244.0.0/24")
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
+
+
+def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
+    """Run ``fn(*args)`` in a fresh thread inside namespace ``ns``; return its result."""
+    fut: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            setns_thread(ns)
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+    threading.Thread(target=target, daemon=True).start()
+    return fut.result(timeout)
+
+
+@dataclass
+class Pod:
+    """A pod: its own namespace, one address, one veth to the node."""
+
+    name: str
+    """Short name, also what its servers answer."""
+    ns: str
+    """Network namespace."""
+    ip: str
+    """Pod address."""
+    host_if: str
+    """Node-side veth name."""
+
+
+class Server:
+    """TCP and UDP line servers on one port in a namespace, answering
+    ``<name> <client ip>\\n`` to every request."""
+
+    def __init__(self, ns: str, name: str, port: int, tcp: bool = True, udp: bool = True,
+                 bind: str = "0.0.0.0") -> None:
+        self.ns, self.name, self.port = ns, name, port
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self.conns: list[socket.socket] = []
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._serve, args=(tcp, udp, bind, ready),
+                                        daemon=True, name=f"server-{name}")
+        self._thread.start()
+        ready.result(10)
+
+    def _serve(self, tcp: bool, udp: bool, bind: str, ready: Future[None]) -> None:
+        try:
+            setns_thread(self.ns)
+            sel = selectors.DefaultSelector()
+            if tcp:
+                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                t.bind((bind, self.port))
+                t.listen(512)
+                t.setblocking(False)
+                sel.register(t, selectors.EVENT_READ, "accept")
+                self._socks.append(t)
+            if udp:
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                u.bind((bind, self.port))
+                u.setblocking(False)
+                sel.register(u, selectors.EVENT_READ, "udp")
+                self._socks.append(u)
+        except BaseException as e:  # noqa: BLE001
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.2):
+                s: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    if key.data == "accept":
+                        c, _addr = s.accept()
+                        c.setblocking(False)
+                        sel.register(c, selectors.EVENT_READ, "conn")
+                        self.conns.append(c)
+                    elif key.data == "udp":
+                        data, addr = s.recvfrom(65535)
+                        s.sendto(f"{self.name} {addr[0]}\n".encode(), addr)
+                    else:
+                        data = s.recv(65535)
+                        if not data:
+                            sel.unregister(s)
+                            s.close()
+                            self.conns.remove(s)
+                            continue
+                        peer = s.getpeername()[0]
+                        s.sendall(f"{self.name} {peer}\n".encode() * data.count(b"\n"))
+                except OSError:
+                    if key.data == "conn":
+                        sel.unregister(s)
+                        s.close()
+                        if s in self.conns:
+                            self.conns.remove(s)
+        for s in list(self.conns) + self._socks:
+            s.close()
+        sel.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def tcp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
+    """One TCP connection, one request line; returns the answer line."""
+    def go() -> str:
+        with socket.create_connection((ip, port), timeout=timeout) as s:
+            s.sendall(b"hello\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.decode().strip()
+    return in_netns(ns, go)
+
+
+def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> tuple[str, str]:
+    """One datagram; returns (answer, source address of the answer)."""
+    def go() -> tuple[str, str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            s.sendto(b"hello\n", (ip, port))
+            data, addr = s.recvfrom(65535)
+            return data.decode().strip(), addr[0]
+    return in_netns(ns, go)
+
+
+def spread(ns: str, ip: str, port: int, n: int, proto: str = "tcp",
+           timeout: float = 2.0) -> dict[str, int]:
+    """n requests, each on a new connection/socket; counts answers by backend name.
+    Failures are counted under "<error>"."""
+    def go() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _ in range(n):
+            try:
+                if proto == "tcp":
+                    with socket.create_connection((ip, port), timeout=timeout) as s:
+                        s.sendall(b"hello\n")
+                        name = s.recv(4096).decode().split()[0]
+                else:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.settimeout(timeout)
+                        s.sendto(b"hello\n", (ip, port))
+                        name = s.recvfrom(65535)[0].decode().split()[0]
+            except (OSError, IndexError):
+                name = "<error>"
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+    return in_netns(ns, go, timeout=timeout * n + 30)
+
+
+class Conn:
+    """A long-lived TCP connection from a namespace (for "open connections keep
+    working" checks). Its socket lives in the namespace it was created in."""
+
+    def __init__(self, ns: str, ip: str, port: int, timeout: float = 2.0) -> None:
+        self.sock = in_netns(ns, lambda: socket.create_connection((ip, port), timeout=timeout))
+
+    def ask(self) -> str:
+        """Send one line and read the answer; raises OSError if the flow is broken."""
+        self.sock.sendall(b"ping\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("connection closed")
+            buf += chunk
+        return buf.decode().strip()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Testbed:
+    """The topology; use as a context manager (teardown is guaranteed)."""
+
+    prefix: str = field(default_factory=lambda: "k" + secrets.token_hex(3))
+    pods: dict[str, Pod] = field(default_factory=dict)
+    servers: list[Server] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    ext_ns: str | None = None
+
+    @property
+    def node(self) -> str:
+        return f"{self.prefix}-node"
+
+    def __enter__(self) -> Testbed:
+        try:
+            self._ns(self.node)
+            sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def _ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def add_pod(self, name: str) -> Pod:
+        """A pod namespace wired to the node; returns it."""
+        i = len(self.pods)
+        ns = f"{self.prefix}-{name}"
+        host_if = f"{self.prefix}p{i}"
+        ip = str(POD_NET.network_address + 11 + i)
+        self._ns(ns)
+        sh("ip", "-n", self.node, "link", "add", host_if, "type", "veth", "peer", "name",
+           "eth0", "netns", ns)
+        sh("ip", "-n", self.node, "addr", "add", f"{GATEWAY}/32", "dev", host_if)
+        sh("ip", "-n", self.node, "link", "set", host_if, "up")
+        sh("ip", "-n", self.node, "route", "add", f"{ip}/32", "dev", host_if)
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/32", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
+        sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+        sh("ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off")
+        sh("ip", "netns", "exec", self.node, "ethtool", "-K", host_if, "tx", "off")
+        pod = Pod(name, ns, ip, host_if)
+        self.pods[name] = pod
+        return pod
+
+    def add_ext(self) -> str:
+        """An external client namespace on 172.16.0.0/24 behind the node."""
+        ns = f"{self.prefix}-ext"
+        host_if = f"{self.prefix}x"
+        self._ns(ns)
+        sh("ip", "-n", self.node, "link", "add", host_if, "type", "veth", "peer", "name",
+           "eth0", "netns", ns)
+        sh("ip", "-n", self.node, "addr", "add", "172.16.0.1/24", "dev", host_if)
+        sh("ip", "-n", self.node, "link", "set", host_if, "up")
+        sh("ip", "-n", ns, "addr", "add", "172.16.0.2/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", "172.16.0.1")
+        self.ext_ns = ns
+        return ns
+
+    def serve(self, pod: str, port: int, **kw: Any) -> Server:
+        srv = Server(self.pods[pod].ns, pod, port, **kw)
+        self.servers.append(srv)
+        return srv
+
+    def teardown(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+        self.servers.clear()
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+
+
+def leftover_namespaces(prefix: str) -> list[str]:
+    """Namespaces whose name starts with prefix (for teardown checks)."""
+    return [n for n in os.listdir("/run/netns") if n.startswith(prefix)] \
+        if os.path.isdir("/run/netns") else []

@@ -32,6 +32,7 @@ import secrets
 import selectors
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -47,6 +48,17 @@ POD_NET = ipaddress.IPv4Network("10.244.0.0/24")
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), check=check, capture_output=True, text=True)
+
+
+def kpr_argv(ns: str, *args: str) -> list[str]:
+    """argv running this kpr inside network namespace ``ns``.
+
+    nsenter enters only the network namespace. ``ip netns exec`` would also unshare
+    the mount namespace and remount /sys, hiding the host's bpffs at /sys/fs/bpf:
+    kpr would then pin its maps in a private bpffs that no other process can see
+    (iproute2 6.1)."""
+    return ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "controller.cli",
+            *args]
 
 
 def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
@@ -228,6 +240,8 @@ class Conn:
 class Testbed:
     """The topology; use as a context manager (teardown is guaranteed)."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     prefix: str = field(default_factory=lambda: "k" + secrets.token_hex(3))
     pods: dict[str, Pod] = field(default_factory=dict)
     servers: list[Server] = field(default_factory=list)
@@ -310,3 +324,46 @@ def leftover_namespaces(prefix: str) -> list[str]:
     """Namespaces whose name starts with prefix (for teardown checks)."""
     return [n for n in os.listdir("/run/netns") if n.startswith(prefix)] \
         if os.path.isdir("/run/netns") else []
+
+
+# ----- Kubernetes objects, as kubectl prints them ------------------------------------
+
+def service_obj(name: str, cluster_ip: str, ports: list[tuple[str, int, str]],
+                namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    """A v1/Service; ports are (name, port, protocol)."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ports": [{"name": n, "port": p, "protocol": proto, "targetPort": p}
+                           for n, p, proto in ports], **spec},
+    }
+
+
+def slice_obj(service: str, endpoints: list[str | tuple[str, dict[str, bool]]],
+              ports: list[tuple[str, int, str]], namespace: str = "default",
+              name: str | None = None) -> dict[str, Any]:
+    """A discovery.k8s.io/v1 EndpointSlice; endpoints are IPs or (IP, conditions);
+    ports are (name, port, protocol)."""
+    eps = []
+    for e in endpoints:
+        ip, cond = (e, {"ready": True}) if isinstance(e, str) else e
+        eps.append({"addresses": [ip], "conditions": cond})
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{service}-abcde", "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": eps,
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+    }
+
+
+def write_objects(path: str, objects: list[dict[str, Any]]) -> None:
+    """Write objects as one multi-document YAML file, atomically (rename)."""
+    import yaml
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump_all(objects, f, sort_keys=False)
+    os.replace(tmp, path)

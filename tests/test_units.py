@@ -1,0 +1,304 @@
+"""Unit tests of the pure logic: model and diff, object validation, translation,
+change tracking, the file source, the bounded-frequency runner, header resolution."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controller import kernel
+from controller.model import Backend, BackendFlag, Diff, Frontend, Protocol, ServiceEntry, State
+from controller.objects import ObjectError, ObjectKey, parse_service, parse_slice
+from controller.sources.file import FileSource, load
+from controller.sync import BoundedFrequencyRunner
+from controller.testbed import service_obj, slice_obj, write_objects
+from controller.tracker import ChangeTracker
+from controller.translate import NodeInfo, translate_service
+
+IP = ipaddress.ip_address
+
+
+def fe(ip: str = "10.96.0.1", port: int = 80, proto: Protocol = Protocol.TCP) -> Frontend:
+    return Frontend(IP(ip), port, proto)
+
+
+def be(ip: str, port: int = 8080) -> Backend:
+    return Backend(IP(ip), port)
+
+
+# ----- model ---------------------------------------------------------------------------
+
+def test_entries_are_canonical_whatever_the_order() -> None:
+    a = ServiceEntry.make(fe(), [be("10.0.0.2"), be("10.0.0.1"), be("10.0.0.2")])
+    b = ServiceEntry.make(fe(), [be("10.0.0.1"), be("10.0.0.2")])
+    assert a == b and a.backends == (be("10.0.0.1"), be("10.0.0.2"))
+    assert State([a]) == State([b])
+
+
+def test_diff_between_and_apply() -> None:
+    old = State([ServiceEntry.make(fe(port=80), [be("10.0.0.1")]),
+                 ServiceEntry.make(fe(port=81), [be("10.0.0.1")]),
+                 ServiceEntry.make(fe(port=82), [])])
+    new = State([ServiceEntry.make(fe(port=80), [be("10.0.0.1")]),
+                 ServiceEntry.make(fe(port=81), [be("10.0.0.2")]),
+                 ServiceEntry.make(fe(port=83), [be("10.0.0.3")])])
+    d = Diff.between(old, new)
+    assert [e.frontend.port for e in d.upserted] == [81, 83]
+    assert [f.port for f in d.removed] == [82]
+    assert d.apply(old) == new
+    assert not Diff.between(new, new)
+    # restricted to some frontends, it ignores the others
+    assert Diff.between(old, new, only=[fe(port=82)]) == Diff((), (fe(port=82),))
+
+
+# ----- objects ---------------------------------------------------------------------------
+
+def test_service_parses_like_kubectl_prints_it() -> None:
+    s = parse_service(service_obj("web", "10.96.0.10", [("http", 80, "TCP"), ("dns", 53, "UDP")]))
+    assert s.key == ObjectKey("default", "web")
+    assert s.cluster_ips == (IP("10.96.0.10"),)
+    assert [(p.name, p.port, p.protocol) for p in s.ports] == [
+        ("http", 80, Protocol.TCP), ("dns", 53, Protocol.UDP)]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda o: o["spec"]["ports"][0].update(port="http"),
+     "Service default/web: spec.ports[0].port: must be an integer 1-65535, got 'http'"),
+    (lambda o: o["spec"]["ports"][0].update(protocol="ICMP"),
+     "Service default/web: spec.ports[0].protocol: must be TCP, UDP or SCTP, got 'ICMP'"),
+    (lambda o: o["spec"].update(clusterIPs=["10.96.0.300"]),
+     "Service default/web: spec.clusterIPs[0]: must be an IP address, got '10.96.0.300'"),
+    (lambda o: o["spec"].update(type="Weird"),
+     "Service default/web: spec.type: must be ClusterIP, NodePort, LoadBalancer or "
+     "ExternalName, got 'Weird'"),
+    (lambda o: o["metadata"].pop("name"), "Service default/<no name>: metadata.name: is required"),
+    (lambda o: o.update(spec=[]), "Service default/web: spec: must be an object, got []"),
+])
+def test_invalid_service_names_object_and_field(mutate: Any, message: str) -> None:
+    obj = service_obj("web", "10.96.0.10", [("http", 80, "TCP")])
+    mutate(obj)
+    with pytest.raises(ObjectError) as ei:
+        parse_service(obj)
+    assert str(ei.value) == message
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda o: o["metadata"]["labels"].clear(),
+     "EndpointSlice default/web-abcde: metadata.labels[kubernetes.io/service-name]: is required"),
+    (lambda o: o["endpoints"][0].update(addresses=["fd00::1"]),
+     "EndpointSlice default/web-abcde: endpoints[0].addresses[0]: fd00::1 is not an IPv4 address"),
+    (lambda o: o["endpoints"][0]["conditions"].update(ready="yes"),
+     "EndpointSlice default/web-abcde: endpoints[0].conditions.ready: must be true or false, "
+     "got 'yes'"),
+    (lambda o: o["ports"][0].update(port=0),
+     "EndpointSlice default/web-abcde: ports[0].port: must be an integer 1-65535, got 0"),
+])
+def test_invalid_slice_names_object_and_field(mutate: Any, message: str) -> None:
+    obj = slice_obj("web", ["10.0.0.1"], [("http", 8080, "TCP")])
+    mutate(obj)
+    with pytest.raises(ObjectError) as ei:
+        parse_slice(obj)
+    assert str(ei.value) == message
+
+
+# ----- translation -------------------------------------------------------------------------
+
+PORTS = [("http", 80, "TCP")]
+TPORTS = [("http", 8080, "TCP")]
+
+
+def translate(svc: dict[str, Any], *slices: dict[str, Any], node: str = "") -> list[ServiceEntry]:
+    return list(translate_service(parse_service(svc), [parse_slice(s) for s in slices],
+                                  NodeInfo(name=node)))
+
+
+def cond(ready: bool, serving: bool, terminating: bool) -> dict[str, bool]:
+    return {"ready": ready, "serving": serving, "terminating": terminating}
+
+
+@pytest.mark.parametrize("endpoints,expect", [
+    # kube-proxy CategorizeEndpoints, cluster policy: ready endpoints when any exist ...
+    ([("10.0.0.1", cond(True, True, False)), ("10.0.0.2", cond(False, True, True))],
+     ["10.0.0.1"]),
+    # ... else serving+terminating ones (graceful fallback) ...
+    ([("10.0.0.1", cond(False, True, True)), ("10.0.0.2", cond(False, False, True))],
+     ["10.0.0.1"]),
+    # ... never not-ready, not-terminating ones.
+    ([("10.0.0.1", cond(False, False, False))], []),
+    # unset conditions mean ready
+    ([("10.0.0.1", {})], ["10.0.0.1"]),
+])
+def test_endpoint_categorization(endpoints: list[Any], expect: list[str]) -> None:
+    [e] = translate(service_obj("web", "10.96.0.10", PORTS), slice_obj("web", endpoints, TPORTS))
+    assert [str(b.ip) for b in e.backends] == expect
+
+
+def test_ports_match_by_name_and_protocol_and_slices_merge() -> None:
+    svc = service_obj("web", "10.96.0.10", [("http", 80, "TCP"), ("dns", 53, "UDP")])
+    s1 = slice_obj("web", ["10.0.0.1"], [("http", 8080, "TCP"), ("dns", 5353, "UDP")], name="s1")
+    s2 = slice_obj("web", ["10.0.0.2"], [("http", 8081, "TCP")], name="s2")
+    entries = {e.frontend.port: e for e in translate(svc, s1, s2)}
+    assert entries[80].backends == (be("10.0.0.1", 8080), be("10.0.0.2", 8081))
+    assert entries[53].backends == (be("10.0.0.1", 5353),)
+    assert entries[80].name == "default/web:http"
+
+
+def test_local_and_terminating_flags() -> None:
+    sl = slice_obj("web", [("10.0.0.1", cond(False, True, True))], TPORTS)
+    sl["endpoints"][0]["nodeName"] = "n1"
+    [e] = translate(service_obj("web", "10.96.0.10", PORTS), sl, node="n1")
+    assert e.backends[0].flags == BackendFlag.LOCAL | BackendFlag.TERMINATING
+
+
+@pytest.mark.parametrize("change", [
+    lambda o: o["spec"].update(clusterIP="None", clusterIPs=["None"]),  # headless
+    lambda o: o["spec"].update(type="ExternalName", externalName="x.example"),
+    lambda o: o["metadata"].update(labels={"service.kubernetes.io/service-proxy-name": "other"}),
+])
+def test_services_kube_proxy_does_not_proxy(change: Any) -> None:
+    svc = service_obj("web", "10.96.0.10", PORTS)
+    change(svc)
+    assert translate(svc, slice_obj("web", ["10.0.0.1"], TPORTS)) == []
+
+
+# ----- tracker ---------------------------------------------------------------------------
+
+def test_tracker_drops_noop_changes_and_reports_changed_frontends() -> None:
+    t = ChangeTracker()
+    svc = parse_service(service_obj("web", "10.96.0.10", PORTS))
+    sl = parse_slice(slice_obj("web", ["10.0.0.1"], TPORTS))
+    t.update_service(svc.key, svc)
+    t.update_slice(sl.key, sl)
+    a = t.apply()
+    assert a.changed == {fe("10.96.0.10")} and len(a.state) == 1
+    # the same objects again: not even pending
+    assert not t.update_service(svc.key, svc)
+    assert t.pending() == 0
+    # a change that translates to the same entries is dropped at apply
+    sl2 = parse_slice(slice_obj("web", ["10.0.0.1", ("10.0.0.9", cond(False, False, False))],
+                                TPORTS))
+    assert t.update_slice(sl2.key, sl2)
+    a2 = t.apply()
+    assert a2.changed == frozenset() and a2.services_changed == 0
+    t.update_service(svc.key, None)
+    a3 = t.apply()
+    assert a3.changed == {fe("10.96.0.10")} and len(a3.state) == 0
+
+
+# ----- file source -------------------------------------------------------------------------
+
+def test_file_source_reads_lists_multidoc_json_and_directories(tmp_path: Path) -> None:
+    svc = service_obj("web", "10.96.0.10", PORTS)
+    sl = slice_obj("web", ["10.0.0.1"], TPORTS)
+    (tmp_path / "list.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                                    "items": [svc]}))
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump_all([sl, {"kind": "ConfigMap"}]))
+    (tmp_path / "ignored.txt").write_text("not: [yaml")
+    snap = load(tmp_path)
+    assert list(snap.services) == [ObjectKey("default", "web")]
+    assert list(snap.slices) == [ObjectKey("default", "web-abcde")]
+    # a typed list (items without kind), as the API server returns it
+    typed = {"kind": "ServiceList", "items": [{k: v for k, v in svc.items() if k != "kind"}]}
+    (tmp_path / "list.json").write_text(json.dumps(typed))
+    assert list(load(tmp_path).services) == [ObjectKey("default", "web")]
+
+
+def test_file_source_rereads_on_atomic_rename_and_keeps_good_state(tmp_path: Path) -> None:
+    path = tmp_path / "svc.yaml"
+    good = [service_obj("web", "10.96.0.10", PORTS), slice_obj("web", ["10.0.0.1"], TPORTS)]
+    write_objects(str(path), good)
+    t = ChangeTracker()
+    errors: list[str] = []
+    src = FileSource(path, t, on_error=errors.append)
+    assert src.poll() and len(t.apply().state) == 1
+    assert not src.poll()  # unchanged
+
+    # Atomic rename of a new version: seen. The bad Service keeps its last good version,
+    # the other objects are applied.
+    bad = service_obj("web", "10.96.0.10", [("http", 99999, "TCP")])
+    write_objects(str(path), [bad, slice_obj("web", ["10.0.0.2"], TPORTS),
+                              service_obj("other", "10.96.0.11", PORTS)])
+    assert src.poll()
+    st = t.apply().state
+    assert {str(f.ip) for f in st} == {"10.96.0.10", "10.96.0.11"}
+    assert st[fe("10.96.0.10")].backends == (be("10.0.0.2"),)
+    assert any("Service default/web: spec.ports[0].port" in e for e in errors)
+
+    # A file that does not parse changes nothing.
+    path.write_text("kind: Service\n  bad: [indent")
+    assert not src.poll()
+    assert t.pending() == 0
+    assert any("cannot read source" in e for e in errors)
+
+
+# ----- bounded frequency runner -----------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_runner_coalesces_rate_limits_and_backs_off() -> None:
+    clock = FakeClock()
+    results = [True]
+    calls: list[float] = []
+
+    def fn() -> bool:
+        calls.append(clock.now)
+        return results[-1]
+
+    r = BoundedFrequencyRunner(fn, min_interval=1.0, max_interval=30.0, retry_interval=2.0,
+                               clock=clock)
+    assert r.next_run(clock.now) <= clock.now  # first run immediately
+    r.run_once()
+    for _ in range(5):
+        r.request()  # a burst coalesces into one run ...
+    assert r.next_run(clock.now) == 101.0  # ... no sooner than min_interval
+    clock.now = 101.0
+    r.run_once()
+    assert r.next_run(clock.now) == 131.0  # idle: the periodic run at max_interval
+    results.append(False)
+    clock.now = 131.0
+    r.run_once()
+    assert r.next_run(clock.now) == 133.0  # failure: retry after 2 s ...
+    clock.now = 133.0
+    r.run_once()
+    assert r.next_run(clock.now) == 137.0  # ... then 4 s
+    results.append(True)
+    clock.now = 137.0
+    r.run_once()
+    assert r.next_run(clock.now) == 167.0
+    assert calls == [100.0, 101.0, 131.0, 133.0, 137.0]
+
+
+# ----- kernel headers ---------------------------------------------------------------------
+
+def test_header_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setattr(kernel, "_package_headers", lambda: None)
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda p: False if "kheaders" in str(p)
+                        else real_exists(p))
+    monkeypatch.setattr(Path, "is_dir", lambda p: False)
+    with pytest.raises(kernel.KernelHeadersError) as ei:
+        kernel.resolve_headers(tmp_path)
+    assert "apt-get install linux-headers-amd64" in str(ei.value)
+
+
+@pytest.mark.kernel
+def test_headers_resolve_on_this_machine_without_touching_lib_modules() -> None:
+    release = os.uname().release
+    existed = os.path.exists(f"/lib/modules/{release}")
+    h = kernel.resolve_headers()
+    assert (h.path / "include" / "uapi" / "linux" / "bpf.h").exists() or \
+        (h.path / "include" / "linux").is_dir()
+    assert os.path.exists(f"/lib/modules/{release}") == existed

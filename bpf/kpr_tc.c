@@ -24,13 +24,22 @@
 #include "kpr_ct.h"
 #include "kpr_lb.h"
 
-static __always_inline int kpr_parse_or_pass(struct __sk_buff *skb, struct kpr_pkt4 *p)
+/* Parse the packet and recover a later fragment's ports. Returns 0 when the packet
+ * is IPv4 TCP/UDP with usable ports (counted under `seen`), -1 to pass it untouched. */
+static __always_inline int kpr_load_pkt(struct __sk_buff *skb, struct kpr_pkt4 *p, __u32 seen)
 {
 	int ret = kpr_parse_ipv4(skb, p);
 
 	if (ret == KPR_PARSE_TRUNC)
 		kpr_count(KPR_STAT_TRUNCATED);
-	return ret;
+	if (ret != KPR_PARSE_OK)
+		return -1;
+	kpr_count(seen);
+	if (kpr_frag4_recover(p) < 0) {
+		kpr_count(KPR_STAT_FRAG_MISS);
+		return -1;
+	}
+	return 0;
 }
 
 int kpr_ingress(struct __sk_buff *skb)
@@ -41,13 +50,8 @@ int kpr_ingress(struct __sk_buff *skb)
 	__be32 be_addr;
 	__be16 be_port;
 
-	if (kpr_parse_or_pass(skb, &p) != KPR_PARSE_OK)
+	if (kpr_load_pkt(skb, &p, KPR_STAT_INGRESS_PKTS) < 0)
 		return TC_ACT_OK;
-	kpr_count(KPR_STAT_INGRESS_PKTS);
-	if (kpr_frag4_recover(&p) < 0) {
-		kpr_count(KPR_STAT_FRAG_MISS);
-		return TC_ACT_OK;
-	}
 
 	svc = kpr_svc4_lookup(&p);
 	if (!svc)
@@ -78,13 +82,8 @@ int kpr_egress(struct __sk_buff *skb)
 	__be32 vip;
 	__be16 vport;
 
-	if (kpr_parse_or_pass(skb, &p) != KPR_PARSE_OK)
+	if (kpr_load_pkt(skb, &p, KPR_STAT_EGRESS_PKTS) < 0)
 		return TC_ACT_OK;
-	kpr_count(KPR_STAT_EGRESS_PKTS);
-	if (kpr_frag4_recover(&p) < 0) {
-		kpr_count(KPR_STAT_FRAG_MISS);
-		return TC_ACT_OK;
-	}
 
 	kpr_tuple4_from_pkt(&p, &key);
 	rn = revnat4.lookup(&key);

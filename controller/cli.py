@@ -173,6 +173,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             import shutil
             shutil.rmtree(pin)
             removed += 1
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # the last instance is gone
     else:
         removed = cleanup(root)
     print(f"kpr cleanup: removed {removed} object(s)")

@@ -157,7 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
     print()
-    print("counters: " + ", ".join(f"{k}={v}" for k, v in data["stats"].items() if v))
+    print("counters: " + (", ".join(f"{k}={v}" for k, v in data["stats"].items() if v)
+                          or "none yet"))
     return 0
 
 

@@ -97,9 +97,9 @@ class State(Mapping[Frontend, ServiceEntry]):
         self._entries: dict[Frontend, ServiceEntry] = {}
         for e in entries:
             if e.frontend in self._entries and self._entries[e.frontend] != e:
-                # Two Services claiming one frontend: keep the first by name, like
-                # kube-proxy keeps one rule per ip:port (the API server normally
-                # prevents this; a file source cannot).
+                # Two Services claiming one frontend (the API server prevents it; a
+                # file cannot): keep the lexically smallest name, so the result does
+                # not depend on the order of the entries.
                 if e.name >= self._entries[e.frontend].name:
                     continue
             self._entries[e.frontend] = e

@@ -30,37 +30,66 @@ def _setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _ebpf_config(args: argparse.Namespace, interfaces: list[str]) -> Any:
+def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
     from controller.datapaths.ebpf.datapath import EbpfConfig
     from controller.datapaths.ebpf.loader import MapSizes
 
+    ms = cfg.map_sizes
     sizes = MapSizes(**{k: v for k, v in (
-        ("services", args.max_services), ("slots", args.max_slots),
-        ("backends", args.max_backends), ("conntrack", args.max_conntrack)) if v})
-    return EbpfConfig(interfaces=interfaces, instance=args.instance,
-                      pin_root=Path(args.bpffs_root), sizes=sizes)
+        ("services", ms.services), ("slots", ms.slots),
+        ("backends", ms.backends), ("conntrack", ms.conntrack)) if v})
+    return EbpfConfig(interfaces=list(cfg.interfaces), instance=cfg.instance,
+                      pin_root=Path(cfg.bpffs_root), sizes=sizes, netns=netns)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from controller import config
+
+    raw = {k: getattr(args, k, None) for k in (
+        "mode", "source", "kubeconfig", "master", "hostname_override", "cluster_cidrs",
+        "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
+        "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
+        "instance", "bpffs_root", "poll_interval")}
+    raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
+    raw["masquerade_all"] = True if args.masquerade_all else None
+    overrides = config.flag_overrides(**raw)
+    if args.max_services or args.max_slots or args.max_backends or args.max_conntrack:
+        overrides["map_sizes"] = config.MapSizesConfig(
+            services=args.max_services or 0, slots=args.max_slots or 0,
+            backends=args.max_backends or 0, conntrack=args.max_conntrack or 0)
+    cfg, ignored = config.load(args.config, overrides)
+    if ignored:
+        log.warning("config: kube-proxy settings without effect in kpr, ignored: %s",
+                    ", ".join(sorted(ignored)))
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import socket
+
+    from controller.config import ConfigError, split_bind
     from controller.datapaths.base import DatapathError
     from controller.datapaths.ebpf.datapath import EbpfDatapath
-    from controller.datapaths.ebpf.tc import parse_patterns
     from controller.kernel import KernelHeadersError
-    from controller.sources.file import FileSource, file_source_path
+    from controller.metrics import Metrics, ProxyHealth, health_server, metrics_server
+    from controller.objects import Node
     from controller.sync import BoundedFrequencyRunner, Proxier
     from controller.tracker import ChangeTracker
     from controller.translate import NodeInfo
 
-    if args.datapath != "ebpf":
-        print(f"kpr run: --datapath {args.datapath} is not available yet (ebpf is)",
+    try:
+        cfg = _load_config(args)
+    except ConfigError as e:
+        print(f"kpr run: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if args.cleanup:
+        # kube-proxy --cleanup: remove everything any mode installed, then exit.
+        return _cleanup_all(cfg)
+    if cfg.mode not in ("ebpf", "auto"):
+        print(f"kpr run: mode {cfg.mode!r} is not available yet (ebpf and auto are)",
               file=sys.stderr)
         return 2
-    try:
-        path = file_source_path(args.source)
-        interfaces = parse_patterns(args.interfaces)
-    except ValueError as e:
-        print(f"kpr run: {e}", file=sys.stderr)
-        return 2
+    node_name = (cfg.hostname_override or socket.gethostname()).strip().lower()
 
     stop = threading.Event()
 
@@ -71,35 +100,104 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    tracker = ChangeTracker(NodeInfo(name=args.hostname_override))
-    dp = EbpfDatapath(_ebpf_config(args, interfaces))
+    node_info = NodeInfo(name=node_name, proxy_name=cfg.service_proxy_name)
+    tracker = ChangeTracker(node_info)
+    dp = EbpfDatapath(_ebpf_config(cfg))
+    if cfg.mode == "auto":
+        probe = dp.probe()
+        if not probe.ok:
+            log.error("mode auto: the eBPF datapath cannot run here (%s) and no classic "
+                      "datapath is available yet", probe.reason)
+            return 1
     try:
         dp.start()
     except (KernelHeadersError, DatapathError, OSError) as e:
         log.error("cannot start the eBPF datapath: %s", e)
         return 1
-    proxier = Proxier(dp, tracker, full_sync_interval=args.full_sync_period)
-    runner = BoundedFrequencyRunner(proxier.sync, args.min_sync_period, args.sync_period,
+    health = ProxyHealth(timeout=2 * cfg.sync_period)
+    metrics = Metrics(tracker, dp, health)
+    servers = []
+    try:
+        if cfg.metrics_bind_address:
+            servers.append(metrics_server(split_bind(cfg.metrics_bind_address), metrics))
+        if cfg.healthz_bind_address:
+            servers.append(health_server(split_bind(cfg.healthz_bind_address), health,
+                                         metrics))
+    except OSError as e:
+        log.error("cannot listen for metrics/health: %s", e)
+        dp.close()
+        return 1
+    proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics)
+    runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period,
                                     retry_interval=1.0)
-    source = FileSource(path, tracker, interval=args.poll_interval, on_change=runner.request)
-    while not source.synced.is_set() and not stop.is_set():
-        source.poll()
-        if not source.synced.is_set():
-            log.warning("waiting for %s to become readable before the first sync", path)
-            stop.wait(args.poll_interval)
-    threading.Thread(target=source.run, args=(stop,), name="kpr-source", daemon=True).start()
-    log.info("kpr %s running: datapath ebpf, interfaces %s, source %s", __version__,
-             ",".join(interfaces), path)
+
+    def on_change() -> None:
+        metrics.queued()
+        runner.request()
+
+    def on_node(node: Node | None) -> None:
+        zone = node.zone if node else ""
+        if tracker.set_node(NodeInfo(name=node_name, proxy_name=cfg.service_proxy_name,
+                                     zone=zone)):
+            on_change()
+        health.set_node_eligible(node is None or not node.deleting)
+
+    source: Any
+    if cfg.source == "kube":
+        from controller.sources.kube import KubeSource, api_client
+
+        try:
+            client = api_client(cfg.kubeconfig, cfg.master)
+        except Exception as e:  # noqa: BLE001 - the client raises several kinds
+            log.error("cannot configure the Kubernetes client: %s", e)
+            dp.close()
+            return 1
+        source = KubeSource(client, tracker, node_name, on_change=on_change, on_node=on_node,
+                            observer=metrics, resync_period=cfg.config_sync_period)
+        source.start(stop)
+        desc = f"kube ({client.configuration.host})"
+        while not stop.is_set() and not source.wait_synced(stop, timeout=10):
+            log.warning("waiting for the first list of Services, EndpointSlices and Node "
+                        "from %s", client.configuration.host)
+        if not stop.is_set():
+            source.post_event("Starting", f"Starting kpr (datapath {dp.name}).")
+    else:
+        from controller.sources.file import FileSource, file_source_path
+
+        path = file_source_path(cfg.source)
+        source = FileSource(path, tracker, interval=cfg.poll_interval, on_change=on_change)
+        desc = str(path)
+        while not source.synced.is_set() and not stop.is_set():
+            source.poll()
+            if not source.synced.is_set():
+                log.warning("waiting for %s to become readable before the first sync", path)
+                stop.wait(cfg.poll_interval)
+        threading.Thread(target=source.run, args=(stop,), name="kpr-source",
+                         daemon=True).start()
+    log.info("kpr %s running: node %s, datapath %s, interfaces %s, source %s", __version__,
+             node_name, dp.name, ",".join(cfg.interfaces), desc)
     try:
         runner.loop(stop)
     finally:
-        if args.cleanup_on_exit:
+        if cfg.source == "kube":
+            source.interrupt()
+        for srv in servers:
+            srv.close()
+        if cfg.cleanup_on_exit:
             dp.cleanup()
-            log.info("removed programs, filters and maps (--cleanup-on-exit)")
+            log.info("removed programs, filters and maps (cleanupOnExit)")
         else:
             dp.close()
             log.info("stopped; programs, filters and pinned maps stay in place "
                      "(forwarding continues); 'kpr cleanup' removes them")
+    return 0
+
+
+def _cleanup_all(cfg: Any) -> int:
+    from controller.datapaths.ebpf.datapath import cleanup
+
+    removed = cleanup(Path(cfg.bpffs_root))
+    print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
 
@@ -201,20 +299,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--bpffs-root", default="/sys/fs/bpf/kpr",
                         help="parent directory of the instances' pinned maps")
 
-    r = sub.add_parser("run", help="program the node's Services and keep them in sync")
-    common(r)
-    r.add_argument("--source", required=True, help="file:PATH (a YAML/JSON file or directory)")
-    r.add_argument("--datapath", "--proxy-mode", default="ebpf", dest="datapath",
-                   help="ebpf (default)")
-    r.add_argument("--interfaces", required=True,
+    r = sub.add_parser("run", help="program the node's Services and keep them in sync",
+                       description="Flags override the --config file, which overrides the "
+                       "defaults. Durations are Go-style (30s, 15m) or seconds.")
+    r.add_argument("--config", help="a KubeProxyConfiguration YAML file")
+    r.add_argument("--cleanup", action="store_true",
+                   help="remove everything kpr installed, then exit (as kube-proxy --cleanup)")
+    r.add_argument("--source", help="kube (default: the API server) or file:PATH")
+    r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    r.add_argument("--master", help="API server URL (overrides the kubeconfig's)")
+    r.add_argument("--proxy-mode", "--datapath", dest="mode",
+                   help="ebpf (default) or auto")
+    r.add_argument("--interfaces",
                    help="comma-separated link names and globs to attach to, e.g. 'eth0,veth*'")
-    r.add_argument("--hostname-override", default="", help="this node's name")
-    r.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS")
-    r.add_argument("--sync-period", type=float, default=30.0, metavar="SECONDS")
-    r.add_argument("--full-sync-period", type=float, default=3600.0, metavar="SECONDS",
+    r.add_argument("--instance", help="instance name: pin directory and filter names")
+    r.add_argument("--bpffs-root", help="parent directory of the instances' pinned maps")
+    r.add_argument("--hostname-override", help="this node's name (default: the host name)")
+    r.add_argument("--cluster-cidr", dest="cluster_cidrs", help="pod CIDRs, comma-separated")
+    r.add_argument("--nodeport-addresses", help="CIDRs or 'primary' for node ports")
+    r.add_argument("--metrics-bind-address", help="host:port for /metrics "
+                   "(default 127.0.0.1:10249; '' disables)")
+    r.add_argument("--healthz-bind-address", help="host:port for /healthz and /livez "
+                   "(default 0.0.0.0:10256; '' disables)")
+    r.add_argument("--min-sync-period", metavar="DURATION")
+    r.add_argument("--sync-period", metavar="DURATION")
+    r.add_argument("--config-sync-period", metavar="DURATION",
+                   help="how often the kube source relists (default 15m)")
+    r.add_argument("--full-sync-period", metavar="DURATION",
                    help="re-read and repair the kernel maps at least this often")
-    r.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
-                   help="how often the file source checks for changes")
+    r.add_argument("--poll-interval", metavar="DURATION",
+                   help="how often a file source checks for changes")
+    r.add_argument("--masquerade-all", action="store_true")
     r.add_argument("--max-services", type=int, default=0)
     r.add_argument("--max-slots", type=int, default=0)
     r.add_argument("--max-backends", type=int, default=0)

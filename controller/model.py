@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Protocol(enum.IntEnum):
@@ -37,6 +38,35 @@ class BackendFlag(enum.Flag):
     """The endpoint runs on this node."""
     TERMINATING = enum.auto()
     """The endpoint is shutting down (used only when no ready endpoint exists)."""
+
+
+class FrontendKind(enum.IntEnum):
+    """Which Service field a frontend comes from; decides its traffic policy."""
+
+    CLUSTER_IP = 0
+    """spec.clusterIPs: internal traffic, internalTrafficPolicy applies."""
+    EXTERNAL_IP = 1
+    """spec.externalIPs: external traffic, externalTrafficPolicy applies."""
+    LOAD_BALANCER = 2
+    """status.loadBalancer.ingress[].ip: external; loadBalancerSourceRanges apply."""
+    NODE_PORT = 3
+    """spec.ports[].nodePort on every node address (the frontend's address is the
+    unspecified address of its family, 0.0.0.0 or ::; the datapath expands it to the
+    configured nodePortAddresses)."""
+
+
+class ServiceFlag(enum.Flag):
+    """Per-frontend behaviour the datapath must implement."""
+
+    NONE = 0
+    LOCAL_POLICY = enum.auto()
+    """The frontend's traffic policy is Local: ``backends`` are this node's endpoints
+    only, and with none the traffic is dropped, never sent to another node."""
+    AFFINITY = enum.auto()
+    """sessionAffinity ClientIP: a client keeps its backend for affinity_timeout s."""
+    HAS_ENDPOINTS = enum.auto()
+    """The Service has usable endpoints somewhere in the cluster. With LOCAL_POLICY
+    and no local backend, kube-proxy drops; with no endpoints at all it REJECTs."""
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -64,7 +94,8 @@ class Backend:
     port: int
     """The endpoint (target) port, 1-65535."""
     flags: BackendFlag = field(default=BackendFlag.NONE, compare=False)
-    """Datapath-relevant facts; not part of identity or ordering."""
+    """Datapath-relevant facts; not part of identity or ordering (ServiceEntry
+    compares them separately, so a flag change is still a change)."""
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
@@ -81,11 +112,45 @@ class ServiceEntry:
     """Backends for new flows, sorted; empty means "no endpoints"."""
     name: str = ""
     """Human-readable origin, ``namespace/service:port-name``; informational."""
+    kind: FrontendKind = FrontendKind.CLUSTER_IP
+    """Where the frontend comes from."""
+    flags: ServiceFlag = ServiceFlag.NONE
+    """Policy and affinity flags."""
+    affinity_timeout: int = 0
+    """ClientIP session affinity timeout in seconds (with ServiceFlag.AFFINITY)."""
+    source_ranges: tuple[IPNetwork, ...] = ()
+    """loadBalancerSourceRanges of a LOAD_BALANCER frontend (sorted); empty: any."""
+    cluster_backends: tuple[Backend, ...] = ()
+    """For an external frontend with Local policy: the cluster-wide backends that
+    traffic from inside the cluster uses instead (kube-proxy's short-circuit of
+    pod -> external IP traffic); empty otherwise."""
+    health_check_node_port: int = 0
+    """spec.healthCheckNodePort of an externalTrafficPolicy Local LoadBalancer."""
+    backend_flags: tuple[BackendFlag, ...] = ()
+    """The flags of ``backends``, position by position; kept apart so that a flag
+    change (an endpoint starts terminating) is a change of the entry."""
 
     @staticmethod
-    def make(frontend: Frontend, backends: Iterable[Backend], name: str = "") -> ServiceEntry:
-        """Build an entry with backends deduplicated and in canonical order."""
-        return ServiceEntry(frontend, tuple(sorted(set(backends))), name)
+    def make(frontend: Frontend, backends: Iterable[Backend], name: str = "",
+             **kw: object) -> ServiceEntry:
+        """Build an entry with backends deduplicated and in canonical order.
+
+        A backend listed twice keeps the union of its flags."""
+        merged: dict[Backend, BackendFlag] = {}
+        for b in backends:
+            merged[b] = merged.get(b, BackendFlag.NONE) | b.flags
+        ordered = sorted(merged)
+        bes = tuple(Backend(b.ip, b.port, merged[b]) for b in ordered)
+        if "cluster_backends" in kw:
+            kw["cluster_backends"] = tuple(sorted(set(kw["cluster_backends"])))  # type: ignore[call-overload]
+        if "source_ranges" in kw:
+            kw["source_ranges"] = tuple(sorted(set(kw["source_ranges"]),  # type: ignore[call-overload]
+                                               key=lambda n: (n.version, n)))
+        return ServiceEntry(frontend, bes, name, backend_flags=tuple(merged[b] for b in ordered),
+                            **kw)  # type: ignore[arg-type]
+
+    def local_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.flags & BackendFlag.LOCAL)
 
 
 class State(Mapping[Frontend, ServiceEntry]):
@@ -103,6 +168,14 @@ class State(Mapping[Frontend, ServiceEntry]):
                 if e.name >= self._entries[e.frontend].name:
                     continue
             self._entries[e.frontend] = e
+
+    @classmethod
+    def wrap(cls, entries: dict[Frontend, ServiceEntry]) -> State:
+        """A State over ``entries`` without copying (the caller must not change the
+        dict while the State is in use)."""
+        s = cls.__new__(cls)
+        s._entries = entries
+        return s
 
     def __getitem__(self, key: Frontend) -> ServiceEntry:
         return self._entries[key]

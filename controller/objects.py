@@ -12,18 +12,30 @@ server's clients do.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from controller.model import IPAddress, Protocol
+from controller.model import IPAddress, IPNetwork, Protocol
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 """EndpointSlice label naming the Service it belongs to."""
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 """Service label that hands the Service to another proxy (kube-proxy skips these)."""
 HEADLESS_LABEL = "service.kubernetes.io/headless"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+"""When the change that produced this EndpointSlice version happened (RFC 3339); the
+start of kubeproxy_network_programming_duration_seconds."""
+ZONE_LABEL = "topology.kubernetes.io/zone"
+"""Node label naming the node's zone (topology hints)."""
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+"""Taint the cluster autoscaler sets on a node it is about to delete; kube-proxy's
+/healthz then fails so load balancers drain the node."""
+DEFAULT_AFFINITY_TIMEOUT = 10800
+"""sessionAffinityConfig.clientIP.timeoutSeconds when unset (API default, 3 h)."""
 
 
 class ObjectError(ValueError):
@@ -80,10 +92,32 @@ class Service:
     """spec.ports."""
     labels: Mapping[str, str]
     """metadata.labels."""
+    external_ips: tuple[IPAddress, ...] = ()
+    """spec.externalIPs."""
+    lb_ips: tuple[IPAddress, ...] = ()
+    """status.loadBalancer.ingress[].ip whose ipMode is VIP (the default); ipMode
+    Proxy addresses are the load balancer's own and are not bound, as in kube-proxy."""
+    affinity_timeout: int = 0
+    """sessionAffinity ClientIP: its timeoutSeconds; 0 when affinity is None."""
+    external_policy_local: bool = False
+    """spec.externalTrafficPolicy is Local (and the Service accepts external traffic)."""
+    internal_policy_local: bool = False
+    """spec.internalTrafficPolicy is Local."""
+    lb_source_ranges: tuple[IPNetwork, ...] = ()
+    """spec.loadBalancerSourceRanges."""
+    health_check_node_port: int = 0
+    """spec.healthCheckNodePort, 0 when unset."""
+    traffic_distribution: str = ""
+    """spec.trafficDistribution: "", PreferClose, PreferSameZone or PreferSameNode."""
 
     @property
     def headless(self) -> bool:
         return not self.cluster_ips
+
+    @property
+    def externally_accessible(self) -> bool:
+        """kube-proxy's ExternallyAccessible: NodePort/LoadBalancer, or externalIPs."""
+        return self.type in ("NodePort", "LoadBalancer") or bool(self.external_ips)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +144,10 @@ class Endpoint:
     """endpoints[].nodeName, "" when unset."""
     zone: str
     """endpoints[].zone, "" when unset."""
+    zone_hints: frozenset[str] = frozenset()
+    """endpoints[].hints.forZones[].name: zones this endpoint should serve."""
+    node_hints: frozenset[str] = frozenset()
+    """endpoints[].hints.forNodes[].name: nodes this endpoint should serve."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +176,28 @@ class EndpointSlice:
     """endpoints[]."""
     ports: tuple[EndpointPort, ...]
     """ports[]."""
+    trigger_time: float | None = field(default=None, compare=False)
+    """The last-change-trigger-time annotation as a Unix time; not part of equality,
+    so a slice that differs only by it is a no-op change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The v1/Node kpr runs on, reduced to what the proxy needs."""
+
+    name: str
+    """metadata.name."""
+    labels: Mapping[str, str]
+    """metadata.labels (the zone label feeds topology hints)."""
+    addresses: tuple[IPAddress, ...]
+    """status.addresses of type InternalIP and ExternalIP, in order."""
+    deleting: bool
+    """metadata.deletionTimestamp is set, or the autoscaler's to-be-deleted taint is on:
+    /healthz fails so that load balancers stop sending new traffic here."""
+
+    @property
+    def zone(self) -> str:
+        return self.labels.get(ZONE_LABEL, "")
 
 
 def object_ref(obj: Any) -> str:
@@ -268,14 +328,107 @@ def parse_service(obj: Any) -> Service:
         seen.add((sp.port, sp.protocol))
         ports.append(sp)
 
-    return Service(
+    external_ips = tuple(r.ip(v, f"spec.externalIPs[{i}]")
+                         for i, v in enumerate(r.seq(spec.get("externalIPs"), "spec.externalIPs")))
+    status = r.mapping(obj.get("status"), "status")
+    lb = r.mapping(status.get("loadBalancer"), "status.loadBalancer")
+    lb_ips: list[IPAddress] = []
+    for i, ing in enumerate(r.seq(lb.get("ingress"), "status.loadBalancer.ingress")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        ing = r.mapping(ing, path, required=True)
+        mode = r.string(ing.get("ipMode"), f"{path}.ipMode", "VIP")
+        if mode not in ("VIP", "Proxy"):
+            raise r.fail(f"{path}.ipMode", f"must be VIP or Proxy, got {_show(mode)}")
+        if ing.get("ip") in (None, "") or mode == "Proxy":
+            continue  # a hostname-only ingress, or a proxying LB: nothing to bind
+        lb_ips.append(r.ip(ing.get("ip"), f"{path}.ip"))
+
+    affinity = r.string(spec.get("sessionAffinity"), "spec.sessionAffinity", "None")
+    if affinity not in ("None", "ClientIP"):
+        raise r.fail("spec.sessionAffinity", f"must be None or ClientIP, got {_show(affinity)}")
+    timeout = 0
+    if affinity == "ClientIP":
+        cfg = r.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+        cip = r.mapping(cfg.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+        raw = cip.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 86400:
+            raise r.fail(path, f"must be an integer 1-86400, got {_show(raw)}")
+        timeout = raw
+
+    etp = r.string(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", "Cluster")
+    itp = r.string(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", "Cluster")
+    for path, v in (("spec.externalTrafficPolicy", etp), ("spec.internalTrafficPolicy", itp)):
+        if v not in ("Cluster", "Local"):
+            raise r.fail(path, f"must be Cluster or Local, got {_show(v)}")
+    ranges: list[IPNetwork] = []
+    for i, v in enumerate(r.seq(spec.get("loadBalancerSourceRanges"),
+                                "spec.loadBalancerSourceRanges")):
+        path = f"spec.loadBalancerSourceRanges[{i}]"
+        try:
+            if not isinstance(v, str):
+                raise ValueError
+            ranges.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise r.fail(path, f"must be a CIDR, got {_show(v)}") from None
+    td = r.string(spec.get("trafficDistribution"), "spec.trafficDistribution")
+
+    svc = Service(
         key=key,
         resource_version=r.string(meta.get("resourceVersion"), "metadata.resourceVersion"),
         type=svc_type,
         cluster_ips=tuple(ips),
         ports=tuple(ports),
         labels=_labels(r, meta),
+        external_ips=external_ips,
+        lb_ips=tuple(lb_ips) if svc_type == "LoadBalancer" else (),
+        affinity_timeout=timeout,
+        internal_policy_local=itp == "Local",
+        lb_source_ranges=tuple(ranges) if svc_type == "LoadBalancer" else (),
+        health_check_node_port=r.port(spec.get("healthCheckNodePort", 0),
+                                      "spec.healthCheckNodePort", allow_zero=True),
+        traffic_distribution=td,
     )
+    # kube-proxy: the external policy only means something for a Service that takes
+    # external traffic at all.
+    if etp == "Local" and svc.externally_accessible:
+        svc = dataclasses.replace(svc, external_policy_local=True)
+    return svc
+
+
+def _time(r: _Reader, value: Any, path: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise r.fail(path, f"must be an RFC 3339 time, got {_show(value)}") from None
+
+
+def parse_node(obj: Any) -> Node:
+    """Validate a raw v1/Node dict."""
+    r = _Reader("Node", obj)
+    obj = r.mapping(obj, "<object>", required=True)
+    meta = r.mapping(obj.get("metadata"), "metadata", required=True)
+    name = r.string(meta.get("name"), "metadata.name")
+    if not name:
+        raise r.fail("metadata.name", "is required")
+    r.ref = name
+    spec = r.mapping(obj.get("spec"), "spec")
+    status = r.mapping(obj.get("status"), "status")
+    addrs: list[IPAddress] = []
+    for i, a in enumerate(r.seq(status.get("addresses"), "status.addresses")):
+        a = r.mapping(a, f"status.addresses[{i}]", required=True)
+        if a.get("type") in ("InternalIP", "ExternalIP"):
+            addrs.append(r.ip(a.get("address"), f"status.addresses[{i}].address"))
+    deleting = meta.get("deletionTimestamp") not in (None, "")
+    for i, t in enumerate(r.seq(spec.get("taints"), "spec.taints")):
+        t = r.mapping(t, f"spec.taints[{i}]", required=True)
+        if t.get("key") == TO_BE_DELETED_TAINT:
+            deleting = True
+    return Node(name=name, labels=_labels(r, meta), addresses=tuple(addrs), deleting=deleting)
 
 
 def parse_slice(obj: Any) -> EndpointSlice:
@@ -308,17 +461,21 @@ def parse_slice(obj: Any) -> EndpointSlice:
                                  f"{ip} is not an {address_type} address")
                 addrs.append(ip)
         cond = r.mapping(e.get("conditions"), f"{path}.conditions")
+        # kube-proxy (endpointslicecache.go): unset ready and serving mean true,
+        # unset terminating means false.
         ready = r.boolean(cond.get("ready"), f"{path}.conditions.ready", True)
         endpoints.append(Endpoint(
             addresses=tuple(addrs),
             conditions=EndpointConditions(
                 ready=ready,
-                serving=r.boolean(cond.get("serving"), f"{path}.conditions.serving", ready),
+                serving=r.boolean(cond.get("serving"), f"{path}.conditions.serving", True),
                 terminating=r.boolean(cond.get("terminating"),
                                       f"{path}.conditions.terminating", False),
             ),
             node_name=r.string(e.get("nodeName"), f"{path}.nodeName"),
             zone=r.string(e.get("zone"), f"{path}.zone"),
+            zone_hints=_hints(r, e, path, "forZones"),
+            node_hints=_hints(r, e, path, "forNodes"),
         ))
 
     ports: list[EndpointPort] = []
@@ -331,10 +488,22 @@ def parse_slice(obj: Any) -> EndpointSlice:
             protocol=r.protocol(p.get("protocol"), f"{path}.protocol"),
         ))
 
+    annotations = r.mapping(meta.get("annotations"), "metadata.annotations")
+    path = f"metadata.annotations[{TRIGGER_TIME_ANNOTATION}]"
     return EndpointSlice(
         key=key,
         service=ObjectKey(key.namespace, svc_name),
         address_type=address_type,
         endpoints=tuple(endpoints),
         ports=tuple(ports),
+        trigger_time=_time(r, annotations.get(TRIGGER_TIME_ANNOTATION), path),
     )
+
+
+def _hints(r: _Reader, e: Mapping[str, Any], path: str, which: str) -> frozenset[str]:
+    hints = r.mapping(e.get("hints"), f"{path}.hints")
+    out = set()
+    for i, h in enumerate(r.seq(hints.get(which), f"{path}.hints.{which}")):
+        h = r.mapping(h, f"{path}.hints.{which}[{i}]", required=True)
+        out.add(r.string(h.get("name"), f"{path}.hints.{which}[{i}].name"))
+    return frozenset(out)

@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from controller.datapaths.base import Datapath, SyncResult
-from controller.model import Diff, State
 from controller.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
@@ -103,56 +103,90 @@ class BoundedFrequencyRunner:
             self._cond.notify()
 
 
+class SyncObserver(Protocol):
+    """What the Proxier reports (metrics.py implements it; tests may record it)."""
+
+    def synced(self, full: bool, duration: float, result: SyncResult | None,
+               trigger_times: tuple[float, ...]) -> None:
+        """A sync succeeded (result None: nothing to change)."""
+
+    def failed(self, error: Exception) -> None:
+        """A sync failed; the next one is full."""
+
+
+class _NoObserver:
+    def synced(self, full: bool, duration: float, result: SyncResult | None,
+               trigger_times: tuple[float, ...]) -> None:
+        pass
+
+    def failed(self, error: Exception) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class SyncStats:
-    """Counters kept by the Proxier (exported as metrics by the CLI)."""
+    """Counters kept by the Proxier."""
 
     syncs: int = 0
+    """Successful syncs that changed the datapath."""
     full_syncs: int = 0
+    """Of those, full ones."""
     failures: int = 0
+    """Failed syncs."""
     last_ops: int = 0
+    """Kernel/tool operations of the last sync."""
     last_duration: float = 0.0
+    """Seconds the last sync took."""
     last_success: float = 0.0
+    """Wall time of the last successful sync (no-op syncs included)."""
 
 
 class Proxier:
-    """Tracker changes -> datapath syncs."""
+    """Tracker changes -> datapath syncs.
+
+    A partial sync hands the datapath the tracker's diff (work proportional to the
+    change). A full sync hands it the whole State and lets it reconcile the kernel
+    against it; it runs first, after any failure (the datapath's shadow of the
+    kernel can no longer be trusted), and every ``full_sync_interval`` seconds
+    (kube-proxy: FullSyncPeriod, 1 h)."""
 
     def __init__(self, datapath: Datapath, tracker: ChangeTracker,
                  full_sync_interval: float = 3600.0, clock: Clock = time.monotonic,
-                 on_sync: Callable[[SyncResult, float], None] | None = None,
-                 on_failure: Callable[[Exception], None] | None = None) -> None:
+                 observer: SyncObserver | None = None) -> None:
         self.datapath = datapath
         self.tracker = tracker
         self.full_sync_interval = full_sync_interval
         self.clock = clock
-        self.on_sync = on_sync or (lambda r, d: None)
-        self.on_failure = on_failure or (lambda e: None)
-        self.state = State()
+        self.observer: SyncObserver = observer or _NoObserver()
         self.needs_full = True
         self._last_full = 0.0
+        self._triggers: tuple[float, ...] = ()
         self.stats = SyncStats()
 
     def sync(self) -> bool:
         """One sync; True on success."""
         applied = self.tracker.apply()
+        self._triggers += applied.trigger_times
         now = self.clock()
         full = self.needs_full or now - self._last_full >= self.full_sync_interval
-        diff = None if full else Diff.between(self.state, applied.state, only=applied.changed)
-        if diff is not None and not diff:
-            self.state = applied.state
-            return True
         t0 = time.perf_counter()
+        if not full and not applied.diff:
+            self.stats.last_success = time.time()
+            self.observer.synced(False, time.perf_counter() - t0, None, self._triggers)
+            self._triggers = ()
+            return True
         try:
-            result = self.datapath.sync(applied.state, diff)
+            if full:
+                result = self.datapath.sync(self.tracker.state(), None)
+            else:
+                result = self.datapath.sync(self.tracker.view(), applied.diff)
         except Exception as e:
             self.needs_full = True
             self.stats.failures += 1
             log.error("%s sync failed, next sync is a full one: %s", self.datapath.name, e)
-            self.on_failure(e)
+            self.observer.failed(e)
             return False
         dt = time.perf_counter() - t0
-        self.state = applied.state
         self.needs_full = False
         if full:
             self._last_full = now
@@ -161,7 +195,9 @@ class Proxier:
         self.stats.last_ops = result.ops
         self.stats.last_duration = dt
         self.stats.last_success = time.time()
-        log.info("%s %s sync: %d frontends, %d kernel ops, %.1f ms", self.datapath.name,
-                 "full" if full else "partial", result.frontends, result.ops, dt * 1000)
-        self.on_sync(result, dt)
+        log.info("%s %s sync: %d frontends, %d changed, %d kernel ops, %.1f ms",
+                 self.datapath.name, "full" if full else "partial", result.frontends,
+                 len(applied.diff), result.ops, dt * 1000)
+        self.observer.synced(full, dt, result, self._triggers)
+        self._triggers = ()
         return True

@@ -1,56 +1,120 @@
-"""Change tracking: object events in, (State, changed frontends) out.
+"""Change tracking: object events in, per-sync diffs out.
 
-Modelled on kube-proxy's ServiceChangeTracker/EndpointsChangeTracker: sources report
-object updates at any rate; the tracker keeps the current objects and the set of
-Services touched since the last sync. :meth:`ChangeTracker.apply` re-translates only
-those Services, drops the ones whose entries did not change (no-op updates), and
-returns the frontends that did change, which drive the partial sync. Work per sync is
-proportional to what changed, not to the number of Services.
+Modelled on kube-proxy's ServiceChangeTracker / EndpointsChangeTracker:
 
-Thread-safe: sources call the update methods from their own threads, the sync loop
-calls :meth:`apply`.
+* Sources report object updates at any rate, from their own threads. For every object
+  touched since the last sync the tracker keeps ``(previous, current)``: ``previous``
+  is what the last sync saw. An update that brings an object back to ``previous``
+  (add then delete, or a flap) removes the pending change, so it neither counts as
+  pending nor causes a sync.
+* :meth:`ChangeTracker.apply` re-translates only the Services with pending changes,
+  compares their entries with the ones it holds, and returns the :class:`Diff` of the
+  frontends that really changed. Nothing in it walks all Services, so one change
+  among 50,000 costs work proportional to that Service (``work`` counts the steps,
+  and a test holds it to that).
+* :meth:`ChangeTracker.state` is the whole desired State, for full syncs; building it
+  is the only O(N) step, and only full syncs pay it.
+
+Everything else the sync loop reports is kept incrementally too: the number of
+service ports with a Local policy but no local endpoint (a kube-proxy metric) and the
+trigger times of endpoint changes (for the network-programming latency).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from controller.model import Frontend, ServiceEntry, State
+from controller.model import Diff, Frontend, ServiceEntry, State
 from controller.objects import EndpointSlice, ObjectKey, Service
-from controller.translate import NodeInfo, translate_service
+from controller.translate import NodeInfo, no_local_endpoints, translate_service
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Change(Generic[T]):
+    """One pending object change."""
+
+    previous: T | None
+    """The object as the last sync saw it (None: it did not exist)."""
+    current: T | None
+    """The object now (None: deleted)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Applied:
     """Result of one :meth:`ChangeTracker.apply`."""
 
-    state: State
-    """The whole desired state after the changes."""
-    changed: frozenset[Frontend]
-    """Frontends whose entry was added, changed or removed."""
+    diff: Diff
+    """Entries added or changed, frontends removed."""
     services_changed: int
     """Services whose entries changed (no-op updates excluded)."""
+    trigger_times: tuple[float, ...] = ()
+    """Unix times of the endpoint changes this sync programs (annotation
+    endpoints.kubernetes.io/last-change-trigger-time), for the latency metric."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic counters and gauges the metrics layer reads."""
+
+    service_changes_total: int = 0
+    """Service updates received that were not no-ops."""
+    endpoint_changes_total: int = 0
+    """EndpointSlice updates received that were not no-ops."""
+    no_local_internal: int = 0
+    """Service ports with internalTrafficPolicy Local and no local endpoint."""
+    no_local_external: int = 0
+    """Service ports with externalTrafficPolicy Local and no local endpoint."""
+    work: int = 0
+    """Steps of apply(): Services translated plus entries compared. Used by tests to
+    show that one change costs work proportional to one Service."""
+    queued_at: float | None = None
+    """Wall time of the oldest change not yet applied (None: nothing pending)."""
+    last_queued: float = 0.0
+    """Wall time of the newest change queued."""
 
 
 class ChangeTracker:
-    """Current objects plus the Services touched since the last apply."""
+    """Current objects plus the pending changes since the last apply."""
 
-    def __init__(self, node: NodeInfo | None = None) -> None:
+    def __init__(self, node: NodeInfo | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._node = node or NodeInfo()
+        self._clock = clock
         self._lock = threading.Lock()
+        self.started = self._clock()
         self._services: dict[ObjectKey, Service] = {}
         self._slices: dict[ObjectKey, EndpointSlice] = {}
         self._slices_by_service: dict[ObjectKey, dict[ObjectKey, EndpointSlice]] = (
             defaultdict(dict))
-        self._pending: set[ObjectKey] = set()
+        self._svc_changes: dict[ObjectKey, Change[Service]] = {}
+        self._slice_changes: dict[ObjectKey, Change[EndpointSlice]] = {}
+        self._retranslate: set[ObjectKey] = set()  # node changes: every Service
+        self._triggers: dict[ObjectKey, list[float]] = defaultdict(list)
         self._entries: dict[ObjectKey, tuple[ServiceEntry, ...]] = {}
+        self._no_local: dict[ObjectKey, tuple[int, int]] = {}
         # frontend -> {service key: entry}; normally one owner per frontend
         self._owners: dict[Frontend, dict[ObjectKey, ServiceEntry]] = defaultdict(dict)
         self._state: dict[Frontend, ServiceEntry] = {}
+        self.counters = Counters()
 
     # ----- updates from sources -------------------------------------------------------
+
+    def _queued(self) -> None:
+        now = self._clock()
+        self.counters.last_queued = now
+        if self.counters.queued_at is None:
+            self.counters.queued_at = now
+
+    def _settle(self) -> None:
+        if not (self._svc_changes or self._slice_changes or self._retranslate):
+            self.counters.queued_at = None
 
     def update_service(self, key: ObjectKey, svc: Service | None) -> bool:
         """Set (or with None, delete) a Service. Returns False for a no-op."""
@@ -62,7 +126,16 @@ class ChangeTracker:
                 del self._services[key]
             else:
                 self._services[key] = svc
-            self._pending.add(key)
+            ch = self._svc_changes.get(key)
+            if ch is None:
+                self._svc_changes[key] = Change(old, svc)
+            elif ch.previous == svc:
+                del self._svc_changes[key]  # back where the last sync saw it
+            else:
+                ch.current = svc
+            self.counters.service_changes_total += 1
+            self._queued()
+            self._settle()
             return True
 
     def update_slice(self, key: ObjectKey, sl: EndpointSlice | None) -> bool:
@@ -73,38 +146,81 @@ class ChangeTracker:
                 return False
             if old is not None:
                 self._slices_by_service[old.service].pop(key, None)
-                self._pending.add(old.service)
+                if not self._slices_by_service[old.service]:
+                    del self._slices_by_service[old.service]
             if sl is None:
                 del self._slices[key]
             else:
                 self._slices[key] = sl
                 self._slices_by_service[sl.service][key] = sl
-                self._pending.add(sl.service)
+                if sl.trigger_time is not None and sl.trigger_time > self.started:
+                    self._triggers[sl.service].append(sl.trigger_time)
+            ch = self._slice_changes.get(key)
+            if ch is None:
+                self._slice_changes[key] = Change(old, sl)
+            elif ch.previous == sl:
+                del self._slice_changes[key]
+            else:
+                ch.current = sl
+            self.counters.endpoint_changes_total += 1
+            self._queued()
+            self._settle()
             return True
 
-    def pending(self) -> int:
-        """Number of Services touched since the last apply."""
+    def set_node(self, node: NodeInfo) -> bool:
+        """The node's facts changed (name, zone): every Service is re-translated."""
         with self._lock:
-            return len(self._pending)
+            if node == self._node:
+                return False
+            self._node = node
+            self._retranslate = set(self._services) | set(self._entries)
+            self._queued()
+            return True
+
+    @property
+    def node(self) -> NodeInfo:
+        return self._node
+
+    def pending(self) -> tuple[int, int]:
+        """(Service changes, EndpointSlice changes) not yet applied."""
+        with self._lock:
+            return len(self._svc_changes), len(self._slice_changes)
 
     def counts(self) -> tuple[int, int]:
         """(Services, EndpointSlices) currently known."""
         with self._lock:
             return len(self._services), len(self._slices)
 
+    def known(self) -> tuple[set[ObjectKey], set[ObjectKey]]:
+        """Keys of the Services and EndpointSlices held (sources diff relists with it)."""
+        with self._lock:
+            return set(self._services), set(self._slices)
+
     # ----- consumed by the sync loop --------------------------------------------------
 
     def apply(self) -> Applied:
-        """Translate the touched Services and return the new State."""
+        """Translate the Services with pending changes; return what changed."""
         with self._lock:
-            pending, self._pending = self._pending, set()
+            touched: set[ObjectKey] = set(self._svc_changes) | self._retranslate
+            for ch in self._slice_changes.values():
+                for sl in (ch.previous, ch.current):
+                    if sl is not None:
+                        touched.add(sl.service)
+            self._svc_changes.clear()
+            self._slice_changes.clear()
+            self._retranslate = set()
+            self.counters.queued_at = None
+            triggers: list[float] = []
             changed: set[Frontend] = set()
             services_changed = 0
-            for key in pending:
+            c = self.counters
+            for key in touched:
                 svc = self._services.get(key)
+                c.work += 1
                 new = (translate_service(svc, self._slices_by_service.get(key, {}).values(),
                                          self._node) if svc is not None else ())
                 old = self._entries.get(key, ())
+                triggers += self._triggers.pop(key, ())
                 if old == new:
                     continue  # a no-op change, dropped
                 services_changed += 1
@@ -112,19 +228,45 @@ class ChangeTracker:
                     self._entries[key] = new
                 else:
                     self._entries.pop(key, None)
+                oi, oe = self._no_local.pop(key, (0, 0))
+                ni, ne = no_local_endpoints(new)
+                if ni or ne:
+                    self._no_local[key] = (ni, ne)
+                c.no_local_internal += ni - oi
+                c.no_local_external += ne - oe
                 for e in old:
                     self._owners[e.frontend].pop(key, None)
                     changed.add(e.frontend)
                 for e in new:
                     self._owners[e.frontend][key] = e
                     changed.add(e.frontend)
-            for f in changed:
+            upserted: list[ServiceEntry] = []
+            removed: list[Frontend] = []
+            for f in sorted(changed):
+                c.work += 1
                 owners = self._owners.get(f)
+                before = self._state.get(f)
                 if not owners:
                     self._owners.pop(f, None)
-                    self._state.pop(f, None)
-                else:
-                    # Two Services claiming one frontend (possible from files): the
-                    # lexically first Service wins, whatever the order of events.
-                    self._state[f] = owners[min(owners, key=lambda k: (k.namespace, k.name))]
-            return Applied(State(self._state.values()), frozenset(changed), services_changed)
+                    if self._state.pop(f, None) is not None:
+                        removed.append(f)
+                    continue
+                # Two Services claiming one frontend (possible from files): the
+                # lexically first Service wins, whatever the order of events.
+                now = owners[min(owners, key=lambda k: (k.namespace, k.name))]
+                self._state[f] = now
+                if now != before:
+                    upserted.append(now)
+            return Applied(Diff(tuple(upserted), tuple(removed)), services_changed,
+                           tuple(triggers))
+
+    def state(self) -> State:
+        """A snapshot of the whole desired State (O(N); full syncs only)."""
+        with self._lock:
+            return State(self._state.values())
+
+    def view(self) -> State:
+        """The desired State without copying: valid only until the next apply().
+        Partial syncs pass it, so they do not pay for a snapshot."""
+        return State.wrap(self._state)
+

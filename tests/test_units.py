@@ -176,19 +176,24 @@ def test_tracker_drops_noop_changes_and_reports_changed_frontends() -> None:
     t.update_service(svc.key, svc)
     t.update_slice(sl.key, sl)
     a = t.apply()
-    assert a.changed == {fe("10.96.0.10")} and len(a.state) == 1
+    assert [e.frontend for e in a.diff.upserted] == [fe("10.96.0.10")]
+    assert len(t.state()) == 1
     # the same objects again: not even pending
     assert not t.update_service(svc.key, svc)
-    assert t.pending() == 0
+    assert t.pending() == (0, 0)
+    # a change and its undo before the sync: (previous, current) cancels out
+    other = parse_service(service_obj("web", "10.96.0.99", PORTS))
+    assert t.update_service(svc.key, other) and t.pending() == (1, 0)
+    assert t.update_service(svc.key, svc) and t.pending() == (0, 0)
     # a change that translates to the same entries is dropped at apply
     sl2 = parse_slice(slice_obj("web", ["10.0.0.1", ("10.0.0.9", cond(False, False, False))],
                                 TPORTS))
     assert t.update_slice(sl2.key, sl2)
     a2 = t.apply()
-    assert a2.changed == frozenset() and a2.services_changed == 0
+    assert not a2.diff and a2.services_changed == 0
     t.update_service(svc.key, None)
     a3 = t.apply()
-    assert a3.changed == {fe("10.96.0.10")} and len(a3.state) == 0
+    assert a3.diff.removed == (fe("10.96.0.10"),) and len(t.state()) == 0
 
 
 # ----- file source -------------------------------------------------------------------------
@@ -216,7 +221,7 @@ def test_file_source_rereads_on_atomic_rename_and_keeps_good_state(tmp_path: Pat
     t = ChangeTracker()
     errors: list[str] = []
     src = FileSource(path, t, on_error=errors.append)
-    assert src.poll() and len(t.apply().state) == 1
+    assert src.poll() and t.apply() and len(t.state()) == 1
     assert not src.poll()  # unchanged
 
     # Atomic rename of a new version: seen. The bad Service keeps its last good version,
@@ -225,7 +230,8 @@ def test_file_source_rereads_on_atomic_rename_and_keeps_good_state(tmp_path: Pat
     write_objects(str(path), [bad, slice_obj("web", ["10.0.0.2"], TPORTS),
                               service_obj("other", "10.96.0.11", PORTS)])
     assert src.poll()
-    st = t.apply().state
+    t.apply()
+    st = t.state()
     assert {str(f.ip) for f in st} == {"10.96.0.10", "10.96.0.11"}
     assert st[fe("10.96.0.10")].backends == (be("10.0.0.2"),)
     assert any("Service default/web: spec.ports[0].port" in e for e in errors)
@@ -233,7 +239,7 @@ def test_file_source_rereads_on_atomic_rename_and_keeps_good_state(tmp_path: Pat
     # A file that does not parse changes nothing.
     path.write_text("kind: Service\n  bad: [indent")
     assert not src.poll()
-    assert t.pending() == 0
+    assert t.pending() == (0, 0)
     assert any("cannot read source" in e for e in errors)
 
 

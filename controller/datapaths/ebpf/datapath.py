@@ -28,7 +28,7 @@ from controller import kernel
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.ebpf import loader, tc
 from controller.datapaths.ebpf.maps import MapOpError, ServiceMaps
-from controller.model import Diff, State
+from controller.model import Backend, Diff, Frontend, FrontendKind, ServiceEntry, State
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class EbpfDatapath:
         self.attacher: tc.TcAttacher | None = None
         self.prog_fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._warned_v6 = False
+        self.unprogrammed: dict[Frontend, str] = {}
+        """Frontends skipped, with the reason (exported as a metric)."""
 
     # ----- protocol -------------------------------------------------------------------
 
@@ -106,27 +107,50 @@ class EbpfDatapath:
         self.maps = ServiceMaps(self.bpf)
         log.info("eBPF programs loaded; maps pinned in %s", self.cfg.pin_dir)
 
-    def _ipv4_only(self, entries: list[Any]) -> list[Any]:
-        out = [e for e in entries if e.frontend.ip.version == 4]
-        if len(out) != len(entries) and not self._warned_v6:
-            log.warning("eBPF datapath: IPv6 frontends are not programmed yet; skipping %d",
-                        len(entries) - len(out))
-            self._warned_v6 = True
-        return out
+    def _project(self, e: ServiceEntry) -> ServiceEntry | None:
+        """What this datapath programs for an entry; None (and a recorded reason) for
+        the features it does not implement yet, rather than programming them wrong:
+        an LB IP without its source ranges would be open to the world."""
+        reason = ""
+        if e.frontend.ip.version != 4:
+            reason = "ipv6"
+        elif e.kind == FrontendKind.NODE_PORT:
+            reason = "node-port"
+        elif e.source_ranges:
+            reason = "source-ranges"
+        if reason:
+            if self.unprogrammed.get(e.frontend) != reason:
+                log.warning("eBPF datapath: %s (%s) not programmed: %s is not implemented "
+                            "yet", e.frontend, e.name, reason)
+            self.unprogrammed[e.frontend] = reason
+            return None
+        self.unprogrammed.pop(e.frontend, None)
+        return ServiceEntry.make(e.frontend, [Backend(b.ip, b.port) for b in e.backends],
+                                 e.name)
 
     def sync(self, state: State, diff: Diff | None) -> SyncResult:
         assert self.maps is not None, "start() first"
         with self._lock:
             try:
                 if diff is None:
-                    ops = self.maps.full_sync(State(self._ipv4_only(list(state.values()))))
+                    self.unprogrammed = {}
+                    entries = [p for p in map(self._project, state.values()) if p]
+                    ops = self.maps.full_sync(State(entries))
                 else:
-                    ops = self.maps.incremental_sync(
-                        self._ipv4_only(list(diff.upserted)),
-                        [f for f in diff.removed if f.ip.version == 4])
+                    upserted: list[ServiceEntry] = []
+                    removed = list(diff.removed)
+                    for f in diff.removed:
+                        self.unprogrammed.pop(f, None)
+                    for e in diff.upserted:
+                        p = self._project(e)
+                        if p is None:
+                            removed.append(e.frontend)
+                        else:
+                            upserted.append(p)
+                    ops = self.maps.incremental_sync(upserted, removed)
             except (MapOpError, OSError, ValueError) as e:
                 raise DatapathError(str(e)) from e
-            return SyncResult(full=diff is None, ops=ops, frontends=len(self.maps._svc))
+            return SyncResult(full=diff is None, ops=ops, frontends=self.maps.programmed())
 
     def dump(self) -> State:
         assert self.maps is not None, "start() first"

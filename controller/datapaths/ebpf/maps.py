@@ -377,6 +377,10 @@ class ServiceMaps:
         changes += [(e.frontend, e) for e in upserted]
         return self.apply(self.plan(changes))
 
+    def programmed(self) -> int:
+        """Frontends programmed now (from the shadow)."""
+        return len(self._svc)
+
     def fill(self) -> dict[str, float]:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""
         slots = sum(len(s.backend_ids) for s in self._svc.values())

@@ -290,6 +290,7 @@ def parse_file(text: str, name: str = "config") -> tuple[dict[str, Any], list[st
         raise ConfigError(f"{name}: kind: must be {KIND}, got {doc.get('kind')!r}")
     out: dict[str, Any] = {}
     ignored: list[str] = []
+    per_mode: dict[tuple[str, str], float] = {}
     for key, value in doc.items():
         where = f"{name}: {key}"
         if key in ("apiVersion", "kind"):
@@ -311,7 +312,7 @@ def parse_file(text: str, name: str = "config") -> tuple[dict[str, Any], list[st
                     # v1alpha1 keeps the periods per mode; the one for the mode in use
                     # wins below, any of them is better than the default.
                     attr = "sync_period" if k == "syncPeriod" else "min_sync_period"
-                    out.setdefault(f"_{key}_{attr}", parse_duration(v, f"{where}.{k}"))
+                    per_mode[(key, attr)] = parse_duration(v, f"{where}.{k}")
                 elif k == "masqueradeAll" and key == "iptables":
                     out["masquerade_all"] = _bool(v, f"{where}.{k}")
                 else:
@@ -338,12 +339,9 @@ def parse_file(text: str, name: str = "config") -> tuple[dict[str, Any], list[st
     # per-mode periods: top-level (v1alpha2) first, then the mode's block
     mode = out.get("mode", "ebpf")
     for attr in ("sync_period", "min_sync_period"):
-        per_mode = {k: out.pop(k) for k in list(out) if k.endswith(f"_{attr}")
-                    and k.startswith("_")}
-        if attr not in out and per_mode:
-            out[attr] = per_mode.get(f"_{mode}_{attr}",
-                                     per_mode.get(f"_iptables_{attr}",
-                                                  next(iter(per_mode.values()))))
+        found = {block: v for (block, a), v in per_mode.items() if a == attr}
+        if attr not in out and found:
+            out[attr] = found.get(mode, found.get("iptables", next(iter(found.values()))))
     return out, ignored
 
 

@@ -404,3 +404,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(201, body)
             return
         self._send_json(405, _status(405, "MethodNotAllowed", "only events can be created"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m controller.fakeapi --generate N``: serve N generated Services from a
+    process of its own (so that a measurement of kpr does not share its interpreter
+    with the server). Prints ``ready PORT`` once serving; stops on SIGTERM or when
+    stdin closes."""
+    import argparse
+    import sys
+
+    from controller.bench.coldstart import objects
+
+    p = argparse.ArgumentParser(prog="python -m controller.fakeapi")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--generate", type=int, default=0, metavar="N")
+    p.add_argument("--endpoints", type=int, default=2)
+    args = p.parse_args(argv)
+    srv = FakeApiServer(args.host, args.port, bookmark_interval=5.0)
+    srv.apply_many(objects(args.generate, args.endpoints))
+    srv.start()
+    print(f"ready {srv.port}", flush=True)
+    try:
+        sys.stdin.read()
+    except KeyboardInterrupt:
+        pass
+    srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

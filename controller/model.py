@@ -69,7 +69,7 @@ class ServiceFlag(enum.Flag):
     and no local backend, kube-proxy drops; with no endpoints at all it REJECTs."""
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """An address and port on which a Service accepts traffic."""
 
@@ -83,6 +83,13 @@ class Frontend:
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
         return f"{host}:{self.port}/{self.protocol.name}"
+
+    def sort_key(self) -> tuple[int, int, int, int]:
+        """IPv4 before IPv6 (ipaddress refuses to compare across families)."""
+        return (self.ip.version, int(self.ip), self.port, int(self.protocol))
+
+    def __lt__(self, other: Frontend) -> bool:
+        return self.sort_key() < other.sort_key()
 
 
 @dataclass(frozen=True, order=True, slots=True)

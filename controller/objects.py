@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +37,9 @@ TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 /healthz then fails so load balancers drain the node."""
 DEFAULT_AFFINITY_TIMEOUT = 10800
 """sessionAffinityConfig.clientIP.timeoutSeconds when unset (API default, 3 h)."""
+
+
+_PROTOCOLS = {p.name: p for p in Protocol}
 
 
 class ObjectError(ValueError):
@@ -219,6 +223,8 @@ class _Reader:
         return ObjectError(self.kind, self.ref, path, message)
 
     def mapping(self, value: Any, path: str, required: bool = False) -> Mapping[str, Any]:
+        if type(value) is dict:  # the common case; the ABC check below is slow
+            return value
         if value is None and not required:
             return {}
         if not isinstance(value, Mapping):
@@ -255,17 +261,23 @@ class _Reader:
     def protocol(self, value: Any, path: str) -> Protocol:
         if value is None:
             return Protocol.TCP
-        if isinstance(value, str) and value in Protocol.__members__:
-            return Protocol[value]
+        p = _PROTOCOLS.get(value) if isinstance(value, str) else None
+        if p is not None:
+            return p
         raise self.fail(path, f"must be TCP, UDP or SCTP, got {_show(value)}")
 
     def ip(self, value: Any, path: str) -> IPAddress:
-        try:
-            if not isinstance(value, str):
-                raise ValueError
-            return ipaddress.ip_address(value)
-        except ValueError:
-            raise self.fail(path, f"must be an IP address, got {_show(value)}") from None
+        # inet_pton + the packed constructor is ~5x faster than ip_address(str), which
+        # matters at 100,000 endpoints; both reject what the API server rejects.
+        if isinstance(value, str):
+            try:
+                return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+            except OSError:
+                try:
+                    return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, value))
+                except OSError:
+                    pass
+        raise self.fail(path, f"must be an IP address, got {_show(value)}")
 
     def key(self, obj: Mapping[str, Any]) -> tuple[ObjectKey, Mapping[str, Any]]:
         meta = self.mapping(obj.get("metadata"), "metadata", required=True)

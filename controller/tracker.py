@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from controller.alloc import bulk_allocation
 from controller.model import Diff, Frontend, ServiceEntry, State
 from controller.objects import EndpointSlice, ObjectKey, Service
 from controller.translate import NodeInfo, no_local_endpoints, translate_service
@@ -201,64 +202,71 @@ class ChangeTracker:
     def apply(self) -> Applied:
         """Translate the Services with pending changes; return what changed."""
         with self._lock:
-            touched: set[ObjectKey] = set(self._svc_changes) | self._retranslate
-            for ch in self._slice_changes.values():
-                for sl in (ch.previous, ch.current):
-                    if sl is not None:
-                        touched.add(sl.service)
-            self._svc_changes.clear()
-            self._slice_changes.clear()
-            self._retranslate = set()
-            self.counters.queued_at = None
-            triggers: list[float] = []
-            changed: set[Frontend] = set()
-            services_changed = 0
-            c = self.counters
-            for key in touched:
-                svc = self._services.get(key)
-                c.work += 1
-                new = (translate_service(svc, self._slices_by_service.get(key, {}).values(),
-                                         self._node) if svc is not None else ())
-                old = self._entries.get(key, ())
-                triggers += self._triggers.pop(key, ())
-                if old == new:
-                    continue  # a no-op change, dropped
-                services_changed += 1
-                if new:
-                    self._entries[key] = new
-                else:
-                    self._entries.pop(key, None)
-                oi, oe = self._no_local.pop(key, (0, 0))
-                ni, ne = no_local_endpoints(new)
-                if ni or ne:
-                    self._no_local[key] = (ni, ne)
-                c.no_local_internal += ni - oi
-                c.no_local_external += ne - oe
-                for e in old:
-                    self._owners[e.frontend].pop(key, None)
-                    changed.add(e.frontend)
-                for e in new:
-                    self._owners[e.frontend][key] = e
-                    changed.add(e.frontend)
-            upserted: list[ServiceEntry] = []
-            removed: list[Frontend] = []
-            for f in sorted(changed):
-                c.work += 1
-                owners = self._owners.get(f)
-                before = self._state.get(f)
-                if not owners:
-                    self._owners.pop(f, None)
-                    if self._state.pop(f, None) is not None:
-                        removed.append(f)
-                    continue
-                # Two Services claiming one frontend (possible from files): the
-                # lexically first Service wins, whatever the order of events.
-                now = owners[min(owners, key=lambda k: (k.namespace, k.name))]
-                self._state[f] = now
-                if now != before:
-                    upserted.append(now)
-            return Applied(Diff(tuple(upserted), tuple(removed)), services_changed,
-                           tuple(triggers))
+            if len(self._svc_changes) + len(self._slice_changes) + len(self._retranslate) \
+                    > 1000:
+                with bulk_allocation():
+                    return self._apply_locked()
+            return self._apply_locked()
+
+    def _apply_locked(self) -> Applied:
+        touched: set[ObjectKey] = set(self._svc_changes) | self._retranslate
+        for ch in self._slice_changes.values():
+            for sl in (ch.previous, ch.current):
+                if sl is not None:
+                    touched.add(sl.service)
+        self._svc_changes.clear()
+        self._slice_changes.clear()
+        self._retranslate = set()
+        self.counters.queued_at = None
+        triggers: list[float] = []
+        changed: set[Frontend] = set()
+        services_changed = 0
+        c = self.counters
+        for key in touched:
+            svc = self._services.get(key)
+            c.work += 1
+            new = (translate_service(svc, self._slices_by_service.get(key, {}).values(),
+                                     self._node) if svc is not None else ())
+            old = self._entries.get(key, ())
+            triggers += self._triggers.pop(key, ())
+            if old == new:
+                continue  # a no-op change, dropped
+            services_changed += 1
+            if new:
+                self._entries[key] = new
+            else:
+                self._entries.pop(key, None)
+            oi, oe = self._no_local.pop(key, (0, 0))
+            ni, ne = no_local_endpoints(new)
+            if ni or ne:
+                self._no_local[key] = (ni, ne)
+            c.no_local_internal += ni - oi
+            c.no_local_external += ne - oe
+            for e in old:
+                self._owners[e.frontend].pop(key, None)
+                changed.add(e.frontend)
+            for e in new:
+                self._owners[e.frontend][key] = e
+                changed.add(e.frontend)
+        upserted: list[ServiceEntry] = []
+        removed: list[Frontend] = []
+        for f in sorted(changed):
+            c.work += 1
+            owners = self._owners.get(f)
+            before = self._state.get(f)
+            if not owners:
+                self._owners.pop(f, None)
+                if self._state.pop(f, None) is not None:
+                    removed.append(f)
+                continue
+            # Two Services claiming one frontend (possible from files): the
+            # lexically first Service wins, whatever the order of events.
+            now = owners[min(owners, key=lambda k: (k.namespace, k.name))]
+            self._state[f] = now
+            if now != before:
+                upserted.append(now)
+        return Applied(Diff(tuple(upserted), tuple(removed)), services_changed,
+                       tuple(triggers))
 
     def state(self) -> State:
         """A snapshot of the whole desired State (O(N); full syncs only)."""

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from controller.alloc import bulk_allocation
 from controller.objects import (
     Node,
     ObjectError,
@@ -135,14 +136,16 @@ class Reflector:
             if token:
                 kw["_continue"] = token
             resp = _call(self.list_fn, kw, timeout=(10, 120))
-            body = json.loads(resp.data)
+            with bulk_allocation():
+                body = json.loads(resp.data)
             meta = body.get("metadata") or {}
             items += body.get("items") or []
             rv = meta.get("resourceVersion") or rv
             token = meta.get("continue")
             if not token:
                 break
-        self.on_list(items)
+        with bulk_allocation():
+            self.on_list(items)
         self.resource_version = rv
         self._last_list = time.monotonic()
         self.synced.set()
@@ -213,7 +216,10 @@ class Reflector:
                 if stop.is_set():
                     return
                 delay = self.backoff.next()
-                log.warning("%s: %s (%s); retrying in %.1f s", self.resource, reason, e, delay)
+                status = getattr(e, "status", None)
+                what = f"HTTP {status} {getattr(e, 'reason', '')}" if status else str(e)
+                log.warning("%s: %s (%s); retrying in %.1f s", self.resource, reason,
+                            what.strip(), delay)
                 self.observer.source_error(self.resource, reason)
                 stop.wait(delay)
 
@@ -244,6 +250,9 @@ def _call(fn: Callable[..., Any], kw: dict[str, Any], timeout: tuple[float, floa
 
 
 def _reason(e: Exception) -> str:
+    inner = getattr(e, "reason", None)  # urllib3's MaxRetryError wraps the cause
+    if isinstance(inner, Exception):
+        return _reason(inner)
     name = type(e).__name__
     if "Timeout" in name:
         return "timeout"

@@ -1,0 +1,1 @@
+"""``kpr bench``: measurements of kpr against the fake API server and real kernel maps."""

@@ -144,7 +144,7 @@ def cold_start(n: int, datapath: Any, endpoints: int = 2,
     t2 = time.perf_counter()
     result = datapath.sync(tracker.state(), None)
     t3 = time.perf_counter()
-    proxier.needs_full = False  # the full sync above is the proxier's first
+    proxier.full_sync_done()
     del applied
     return ColdStart(n, t1 - t0, t2 - t1, t3 - t2, result.ops, result.frontends, server,
                      source, tracker, proxier, datapath, stop)

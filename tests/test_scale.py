@@ -1,0 +1,86 @@
+"""50,000 Services on real maps: one change costs one Service's work.
+
+Operation counts, never times (times are the benchmark's job): the tracker's work
+counter (Services translated + entries compared), the datapath's kernel operations,
+and which kind of sync ran.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from controller.bench.coldstart import cold_start
+from controller.testbed import slice_obj
+
+pytestmark = pytest.mark.kernel
+
+N = 50_000
+
+
+def _wait(cond: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _count_in_kernel(dp: Any, vip: str, port: int) -> int | None:
+    """The backend count of one frontend, read from the services4 map itself."""
+    key = struct.pack("=4sHBB", socket.inet_aton(vip), socket.htons(port), 6, 0)
+    for k, v in dp.maps.services.items():
+        if k == key:
+            return int(struct.unpack("=IHHHHI", v)[1])
+    return None
+
+
+def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any) -> None:
+    dp = datapath_factory()
+    cs = cold_start(N, dp, separate_process=False)
+    try:
+        assert cs.frontends == N and dp.maps.services.count() == N
+        t, proxier = cs.tracker, cs.proxier
+        syncs, fulls = proxier.stats.syncs, proxier.stats.full_syncs
+
+        # One endpoint added to one Service, through the API server's watch.
+        work = t.counters.work
+        eps = ["10.128.0.14", "10.128.0.15", "10.200.0.1"]
+        sl = slice_obj("svc-7", eps, [("http", 8080, "TCP")], namespace="bench")
+        cs.server.apply(sl)
+        _wait(lambda: t.pending() == (0, 1))
+        assert proxier.sync()
+        assert proxier.stats.syncs == syncs + 1 and proxier.stats.full_syncs == fulls
+        assert t.counters.work - work == 2  # 1 Service translated + 1 entry compared
+        # backend write + slot write + service count: 3 kernel operations
+        assert proxier.stats.last_ops == 3
+        assert _count_in_kernel(dp, "10.96.0.8", 80) == 3
+
+        # One Service deleted (with its slice): its entries go, nothing else is touched.
+        work = t.counters.work
+        cs.server.delete("Service", "svc-9", "bench")
+        cs.server.delete("EndpointSlice", "svc-9-abcde", "bench")
+        _wait(lambda: t.pending() == (1, 1))
+        assert proxier.sync()
+        assert proxier.stats.full_syncs == fulls
+        assert t.counters.work - work == 2
+        # service + name + 2 slots + 2 backends
+        assert proxier.stats.last_ops == 6
+        assert _count_in_kernel(dp, "10.96.0.10", 80) is None
+        assert dp.maps.services.count() == N - 1
+
+        # An update that changes nothing kpr uses: no kernel operation at all.
+        sl2 = dict(sl, metadata=dict(sl["metadata"], labels=dict(
+            sl["metadata"]["labels"], team="blue")))
+        cs.server.apply(sl2)
+        slices = cs.source.reflectors[1]
+        _wait(lambda: int(slices.resource_version) >= cs.server.resource_version)
+        assert t.pending() == (0, 0)  # dropped as a no-op by the tracker
+        ops_before = proxier.stats.syncs
+        assert proxier.sync()
+        assert proxier.stats.syncs == ops_before  # nothing to program: no datapath call
+    finally:
+        cs.close()

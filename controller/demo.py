@@ -1,10 +1,13 @@
 """``kpr demo``: one node in network namespaces, real traffic through the eBPF datapath.
 
-It builds a node with three backend pods and a client pod, writes a ClusterIP
-Service and its EndpointSlice to a file, and runs the real ``kpr run --source file:``
-inside the node's namespace. It then sends requests to the Service address from the
-client, prints how they spread, removes one endpoint live (an atomic rewrite of the
-file) and shows the new spread. Everything is torn down at the end, also on Ctrl-C.
+It builds a node with three backend pods and a client pod, starts an embedded API
+server (controller/fakeapi.py, the list/watch protocol of the real one) inside the
+node's namespace, creates a ClusterIP Service and its EndpointSlice there, and runs
+the real ``kpr run --source kube`` inside the node's namespace, as the DaemonSet
+does. It then sends requests to the Service address from the client, prints how they
+spread, removes one endpoint live (an EndpointSlice update through the watch), shows
+the new spread and kpr's own metrics and health. Everything is torn down at the end,
+also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import sys
 import tempfile
 import time
 
+from controller.fakeapi import FakeApiServer
 from controller.testbed import (
     Testbed,
+    in_netns,
     kpr_argv,
     service_obj,
     slice_obj,
     spread,
     udp_request,
-    write_objects,
 )
 
 VIP = "10.96.0.10"
@@ -53,13 +57,40 @@ def _wait_backends(tb: Testbed, instance: str, want: int, timeout: float = 30) -
     raise TimeoutError(f"kpr did not program {want} backends in {timeout}s")
 
 
+def _stamped(obj: dict[str, object]) -> dict[str, object]:
+    """An EndpointSlice with the trigger-time annotation the controller sets."""
+    from datetime import datetime, timezone
+
+    meta = obj["metadata"]
+    assert isinstance(meta, dict)
+    meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time":
+                           datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    return obj
+
+
+def _http(tb: Testbed, url: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    def go() -> str:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                return f"{r.status} {r.read().decode()}"
+        except urllib.error.HTTPError as e:
+            return f"{e.code} {e.read().decode()}"
+    return in_netns(tb.node, go)
+
+
 def run_demo(requests: int = 60) -> int:
     if os.geteuid() != 0:
         print("kpr demo needs root (network namespaces, BPF)", file=sys.stderr)
         return 1
+    import yaml
+
     workdir = tempfile.mkdtemp(prefix="kpr-demo-")
-    manifest = os.path.join(workdir, "web.yaml")
+    kubeconfig = os.path.join(workdir, "kubeconfig")
     proc: subprocess.Popen[str] | None = None
+    api = FakeApiServer(bookmark_interval=5.0)
     with Testbed() as tb:
         instance = f"demo-{tb.prefix}"
         try:
@@ -72,14 +103,19 @@ def run_demo(requests: int = 60) -> int:
                   + ", ".join(f"{n} {tb.pods[n].ip}" for n in names)
                   + f"; client {client.ip}")
             ips = [tb.pods[n].ip for n in names]
-            write_objects(manifest, [service_obj("web", VIP, PORTS),
-                                     slice_obj("web", ips, TARGET)])
-            print(f"Service default/web: ClusterIP {VIP}, 80/TCP and 53/UDP -> 8080 "
-                  f"(objects in {manifest})\n")
+            in_netns(tb.node, api.start)
+            with open(kubeconfig, "w") as f:
+                yaml.safe_dump(api.kubeconfig(), f)
+            api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
+            api.apply(service_obj("web", VIP, PORTS))
+            api.apply(_stamped(slice_obj("web", ips, TARGET)))
+            print(f"API server {api.url} (in the node namespace); Service default/web: "
+                  f"ClusterIP {VIP}, 80/TCP and 53/UDP -> 8080\n")
             log = open(os.path.join(workdir, "kpr.log"), "w")
             proc = subprocess.Popen(
-                kpr_argv(tb.node, "run", "--source", f"file:{manifest}", "--interfaces",
-                         f"{tb.prefix}p*", "--instance", instance, "--poll-interval", "0.2"),
+                kpr_argv(tb.node, "run", "--source", "kube", "--kubeconfig", kubeconfig,
+                         "--hostname-override", "node-1", "--interfaces", f"{tb.prefix}p*",
+                         "--instance", instance, "--min-sync-period", "50ms"),
                 stdout=log, stderr=subprocess.STDOUT, text=True)
             _wait_backends(tb, instance, 3)
             print("$ kpr status")
@@ -93,9 +129,8 @@ def run_demo(requests: int = 60) -> int:
             print(f"    (a UDP reply comes back from {src}; the backend saw the client as "
                   f"{answer.split()[1]})\n")
 
-            print("removing pod-b from the EndpointSlice (the file is rewritten) ...")
-            write_objects(manifest, [service_obj("web", VIP, PORTS),
-                                     slice_obj("web", [ips[0], ips[2]], TARGET)])
+            print("removing pod-b from the EndpointSlice (an update on the API server) ...")
+            api.apply(_stamped(slice_obj("web", [ips[0], ips[2]], TARGET)))
             _wait_backends(tb, instance, 2)
             with open(os.path.join(workdir, "kpr.log")) as f:
                 synced = [ln.split(": ", 1)[1].strip() for ln in f if "partial sync" in ln]
@@ -104,6 +139,21 @@ def run_demo(requests: int = 60) -> int:
             _bar(spread(client.ns, VIP, 80, requests), requests)
             print(f"{requests} UDP requests from client to {VIP}:53:")
             _bar(spread(client.ns, VIP, 53, requests, "udp"), requests)
+
+            print("\n$ curl 127.0.0.1:10249/metrics   (excerpt)")
+            metrics = _http(tb, "http://127.0.0.1:10249/metrics").split(" ", 1)[1]
+            for line in metrics.splitlines():
+                if line.startswith(("kubeproxy_sync_proxy_rules_duration_seconds_count",
+                                    "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+                                    "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+                                    "kubeproxy_network_programming_duration_seconds_count",
+                                    "kubeproxy_network_programming_duration_seconds_sum",
+                                    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                                    "kpr_datapath_info", "kpr_bpf_map_fill_ratio",
+                                    "kpr_bpf_events_total{event=\"dnat\"}")):
+                    print("    " + line)
+            print("$ curl 0.0.0.0:10256/healthz")
+            print("    " + _http(tb, "http://127.0.0.1:10256/healthz"))
         finally:
             if proc is not None:
                 proc.terminate()
@@ -112,5 +162,7 @@ def run_demo(requests: int = 60) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
             _kpr(tb, "cleanup", "--instance", instance)
-    print("\ntorn down: kpr stopped, its filters and maps removed, namespaces deleted.")
+            api.stop()
+    print("\ntorn down: kpr and the API server stopped, filters and maps removed, "
+          "namespaces deleted.")
     return 0

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.datapaths.ebpf import tc
 from controller.fakeapi import FakeApiServer
 from controller.testbed import Conn, Testbed, in_netns, kpr_argv, service_obj, slice_obj, spread
 from tests.conftest import TEST_PIN_ROOT
@@ -118,16 +119,18 @@ def test_kpr_run_against_the_api_server(testbed: Testbed, tmp_path: Path) -> Non
         # server is back, kpr relists (410 Gone) and programs the change.
         conn = Conn(client.ns, VIP, 80)
         first = conn.ask()
+        gone = next(n for n in "abc" if not first.startswith(n + " "))
+        kept = "".join(n for n in "abc" if n != gone)
         port = api.port
         api.stop()
         assert set(spread(client.ns, VIP, 80, 15)) == {"a", "b", "c"}
-        api.apply(slice_obj("web", ips(tb, "bc"), TPORTS))
+        api.apply(slice_obj("web", ips(tb, kept), TPORTS))
         api.compact()
         api.port = port
         in_netns(tb.node, api.start)
-        wait(lambda: set(spread(client.ns, VIP, 80, 30, timeout=0.5)) == {"b", "c"},
+        wait(lambda: set(spread(client.ns, VIP, 80, 30, timeout=0.5)) == set(kept),
              timeout=30)
-        assert conn.ask() == first  # the established flow kept its backend
+        assert conn.ask() == first  # the relist did not disturb the established flow
         conn.close()
 
         # A watch cut mid-stream loses no update.
@@ -168,6 +171,14 @@ def test_kpr_run_against_the_api_server(testbed: Testbed, tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0, out
+        assert set(spread(client.ns, VIP, 80, 10)) == {"c"}  # forwarding outlives kpr
+
+        # kube-proxy's --cleanup: everything goes, then it exits 0.
+        r = subprocess.run(kpr_argv(tb.node, "run", "--cleanup", "--bpffs-root",
+                                    str(TEST_PIN_ROOT)), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not (TEST_PIN_ROOT / instance).exists()
+        assert tc.list_attachments(tb.node) == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -308,3 +308,70 @@ def test_headers_resolve_on_this_machine_without_touching_lib_modules() -> None:
     assert (h.path / "include" / "uapi" / "linux" / "bpf.h").exists() or \
         (h.path / "include" / "linux").is_dir()
     assert os.path.exists(f"/lib/modules/{release}") == existed
+
+
+# ----- proxier: full vs partial syncs -----------------------------------------------------
+
+class _RecordingDatapath:
+    """Records what it is asked to do; fails when told to (a unit-test fake)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail = False
+
+    def sync(self, state: State, diff: Diff | None) -> Any:
+        from controller.datapaths.base import DatapathError, SyncResult
+
+        if self.fail:
+            raise DatapathError("map full")
+        self.calls.append(("full", len(state)) if diff is None else ("partial", len(diff)))
+        return SyncResult(full=diff is None, ops=1, frontends=len(state))
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.synced_calls: list[tuple[bool, tuple[float, ...]]] = []
+        self.failures = 0
+
+    def synced(self, full: bool, duration: float, result: Any,
+               trigger_times: tuple[float, ...]) -> None:
+        self.synced_calls.append((full, trigger_times))
+
+    def failed(self, error: Exception) -> None:
+        self.failures += 1
+
+
+def test_proxier_full_then_partial_full_after_failure_and_periodically() -> None:
+    from controller.sync import Proxier
+
+    now = [1000.0]
+    t = ChangeTracker(clock=lambda: 0.0)
+    dp = _RecordingDatapath()
+    obs = _Observer()
+    p = Proxier(dp, t, full_sync_interval=3600, clock=lambda: now[0],  # type: ignore[arg-type]
+                observer=obs)
+
+    def add(i: int, *eps: str) -> None:
+        s = parse_service(service_obj(f"s{i}", f"10.96.0.{i}", PORTS))
+        sl = slice_obj(f"s{i}", list(eps), TPORTS)
+        sl["metadata"]["annotations"] = {
+            "endpoints.kubernetes.io/last-change-trigger-time": "2026-11-21T10:00:00Z"}
+        t.update_service(s.key, s)
+        t.update_slice(parse_slice(sl).key, parse_slice(sl))
+
+    add(1, "10.0.0.1")
+    assert p.sync() and dp.calls == [("full", 1)]           # the first sync is full
+    add(2, "10.0.0.2")
+    assert p.sync() and dp.calls[-1] == ("partial", 1)      # then partial: the diff only
+    assert obs.synced_calls[-1][1]  # trigger times reach the observer (for the metric)
+    assert p.sync() and len(dp.calls) == 2                  # nothing changed: no call
+    dp.fail = True
+    add(3, "10.0.0.3")
+    assert not p.sync() and obs.failures == 1
+    dp.fail = False
+    assert p.sync() and dp.calls[-1] == ("full", 3)         # after a failure: full
+    now[0] += 3600
+    assert p.sync() and dp.calls[-1] == ("full", 3)         # and every full_sync_interval
+    assert [full for full, _ in obs.synced_calls] == [True, False, False, True, True]

@@ -244,3 +244,17 @@ def test_one_watch_event_is_one_service_of_work(api: FakeApiServer,
     assert h.tracker.counters.work - work == 2  # one Service translated, one entry compared
     assert [str(e.frontend) for e in a.diff.upserted] == ["10.96.0.7:80/TCP"]
     assert ObjectKey("default", "web7") in h.tracker.known()[0]
+
+
+def test_master_flag_without_kubeconfig(api: FakeApiServer) -> None:
+    """--master alone is enough (no kubeconfig, not in a cluster)."""
+    api.apply_many(web(1, "10.244.0.1"))
+    t = ChangeTracker()
+    stop = threading.Event()
+    src = KubeSource(api_client(master=api.url), t, "")
+    src.start(stop)
+    try:
+        assert src.wait_synced(stop, timeout=10) and t.counts() == (1, 1)
+    finally:
+        stop.set()
+        src.interrupt()

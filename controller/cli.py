@@ -127,7 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot listen for metrics/health: %s", e)
         dp.close()
         return 1
-    proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics)
+    from controller.healthcheck import HealthCheckServers
+
+    hc = HealthCheckServers(proxy_healthy=lambda: health.healthy()[0],
+                            on_error=lambda port, e: metrics.hc_errors.inc())
+    proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics,
+                      listeners=[hc.update])
     runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period,
                                     retry_interval=1.0)
 
@@ -183,6 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             source.interrupt()
         for srv in servers:
             srv.close()
+        hc.close()
         if cfg.cleanup_on_exit:
             dp.cleanup()
             log.info("removed programs, filters and maps (cleanupOnExit)")

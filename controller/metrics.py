@@ -129,6 +129,9 @@ class Metrics:
         self.invalid = Counter("kpr_invalid_objects", "Objects rejected by validation "
                                "(their last valid version stays programmed)", ["kind"],
                                registry=r)
+        self.hc_errors = Counter("kpr_healthcheck_listen_errors", "healthCheckNodePorts kpr "
+                                 "could not listen on (retried at the next full sync)",
+                                 registry=r)
         r.register(_ScrapeCollector(self))
 
     # ----- SyncObserver -----------------------------------------------------------------

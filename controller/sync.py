@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controller.datapaths.base import Datapath, SyncResult
+from controller.model import Diff, State
 from controller.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,12 @@ class Proxier:
 
     def __init__(self, datapath: Datapath, tracker: ChangeTracker,
                  full_sync_interval: float = 3600.0, clock: Clock = time.monotonic,
-                 observer: SyncObserver | None = None) -> None:
+                 observer: SyncObserver | None = None,
+                 listeners: list[Callable[[Diff | None, State], None]] | None = None) -> None:
         self.datapath = datapath
+        self.listeners = listeners or []
+        """Called after each successful sync that changed something, with the diff
+        (None for a full sync) and the State: the healthCheckNodePort servers."""
         self.tracker = tracker
         self.full_sync_interval = full_sync_interval
         self.clock = clock
@@ -182,10 +187,9 @@ class Proxier:
             self._triggers = ()
             return True
         try:
-            if full:
-                result = self.datapath.sync(self.tracker.state(), None)
-            else:
-                result = self.datapath.sync(self.tracker.view(), applied.diff)
+            state = self.tracker.state() if full else self.tracker.view()
+            diff = None if full else applied.diff
+            result = self.datapath.sync(state, diff)
         except Exception as e:
             self.needs_full = True
             self.stats.failures += 1
@@ -206,4 +210,9 @@ class Proxier:
                  len(applied.diff), result.ops, dt * 1000)
         self.observer.synced(full, dt, result, self._triggers)
         self._triggers = ()
+        for listener in self.listeners:
+            try:
+                listener(diff, state)
+            except Exception:  # noqa: BLE001 - a listener must not fail the sync
+                log.exception("sync listener failed")
         return True

@@ -75,10 +75,6 @@ class Counters:
     work: int = 0
     """Steps of apply(): Services translated plus entries compared. Used by tests to
     show that one change costs work proportional to one Service."""
-    queued_at: float | None = None
-    """Wall time of the oldest change not yet applied (None: nothing pending)."""
-    last_queued: float = 0.0
-    """Wall time of the newest change queued."""
 
 
 class ChangeTracker:
@@ -107,16 +103,6 @@ class ChangeTracker:
 
     # ----- updates from sources -------------------------------------------------------
 
-    def _queued(self) -> None:
-        now = self._clock()
-        self.counters.last_queued = now
-        if self.counters.queued_at is None:
-            self.counters.queued_at = now
-
-    def _settle(self) -> None:
-        if not (self._svc_changes or self._slice_changes or self._retranslate):
-            self.counters.queued_at = None
-
     def update_service(self, key: ObjectKey, svc: Service | None) -> bool:
         """Set (or with None, delete) a Service. Returns False for a no-op."""
         with self._lock:
@@ -135,8 +121,6 @@ class ChangeTracker:
             else:
                 ch.current = svc
             self.counters.service_changes_total += 1
-            self._queued()
-            self._settle()
             return True
 
     def update_slice(self, key: ObjectKey, sl: EndpointSlice | None) -> bool:
@@ -164,8 +148,6 @@ class ChangeTracker:
             else:
                 ch.current = sl
             self.counters.endpoint_changes_total += 1
-            self._queued()
-            self._settle()
             return True
 
     def set_node(self, node: NodeInfo) -> bool:
@@ -175,7 +157,6 @@ class ChangeTracker:
                 return False
             self._node = node
             self._retranslate = set(self._services) | set(self._entries)
-            self._queued()
             return True
 
     @property
@@ -217,7 +198,6 @@ class ChangeTracker:
         self._svc_changes.clear()
         self._slice_changes.clear()
         self._retranslate = set()
-        self.counters.queued_at = None
         triggers: list[float] = []
         changed: set[Frontend] = set()
         services_changed = 0

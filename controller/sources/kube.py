@@ -162,15 +162,16 @@ class Reflector:
         resp = _call(self.list_fn, kw, timeout=(10, self.watch_timeout + 60))
         self._resp = resp
         try:
-            buf = b""
+            partial = b""
             for chunk in resp.stream(amt=None, decode_content=False):
                 if stop.is_set():
                     return
-                buf += chunk
-                while (nl := buf.find(b"\n")) >= 0:
-                    line, buf = buf[:nl], buf[nl + 1:]
+                # one split per chunk: a chunk may carry hundreds of events
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
                     if line.strip():
                         self._event(json.loads(line))
+                if lines:
                     self.backoff.reset()
                 if self._resync_due():
                     return

@@ -50,6 +50,9 @@ def test_incremental_syncs_end_where_one_full_sync_ends(shared_dp: EbpfDatapath,
         cur = make_state(spec)
         dp.sync(cur, Diff.between(prev, cur))
         assert dp.dump() == cur  # read back from the kernel
+        # the metric's running slot count matches the kernel's map
+        assert round(dp.map_fill()["backend_slots"] * dp.maps.slots.max_entries) == \
+            dp.maps.slots.count()
         prev = cur
     raw_incremental = {m: sorted(v for _, v in getattr(dp.maps, m).items())
                        for m in ("services", "names")}

@@ -208,6 +208,7 @@ class ServiceMaps:
         self._next_svc_id = 1
         self._next_be_id = 1
         self._svc_ids_used: set[int] = set()
+        self._slot_total = 0  # sum of len(backend_ids): fill() in O(1) per scrape
 
     # ----- reading the kernel ---------------------------------------------------------
 
@@ -240,6 +241,7 @@ class ServiceMaps:
         """Rebuild the shadow from the kernel; returns a plan pruning orphans."""
         svcs, backends, orphan_slots, orphan_names = self.read_kernel()
         self._svc = svcs
+        self._slot_total = sum(len(s.backend_ids) for s in svcs.values())
         self._svc_ids_used = {s.svc_id for s in svcs.values()}
         self._be_key_by_id = dict(backends)
         self._be_ids = {}
@@ -315,6 +317,7 @@ class ServiceMaps:
                 plan.slot_delete += [(old.svc_id, i) for i in range(len(old.backend_ids))]
                 unrefs += old.backend_ids
                 self._svc_ids_used.discard(old.svc_id)
+                self._slot_total -= len(old.backend_ids)
                 del self._svc[f]
                 continue
             ids = tuple(self._ref_backend(b, f.protocol, plan) for b in entry.backends)
@@ -334,6 +337,7 @@ class ServiceMaps:
                 plan.svc_write[f] = (sid, len(ids))
             if old is None or old.name != entry.name:
                 plan.name_write[sid] = entry.name
+            self._slot_total += len(ids) - len(old_ids)
             self._svc[f] = svc
         # Release after all references are taken, so that a backend moving between
         # services within one sync keeps its id.
@@ -383,7 +387,6 @@ class ServiceMaps:
 
     def fill(self) -> dict[str, float]:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""
-        slots = sum(len(s.backend_ids) for s in self._svc.values())
         return {"services4": len(self._svc) / self.services.max_entries,
-                "backend_slots": slots / self.slots.max_entries,
+                "backend_slots": self._slot_total / self.slots.max_entries,
                 "backends4": len(self._be_refs) / self.backends.max_entries}

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -59,6 +60,19 @@ def kpr_argv(ns: str, *args: str) -> list[str]:
     (iproute2 6.1)."""
     return ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "controller.cli",
             *args]
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
+    """Poll ``cond`` until it returns something truthy; return that, or raise
+    AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
 
 
 def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from controller.testbed import Testbed, in_netns, kpr_argv, service_obj, slice_obj, write_objects
+from controller.testbed import (
+    Testbed,
+    in_netns,
+    kpr_argv,
+    service_obj,
+    slice_obj,
+    wait_until,
+    write_objects,
+)
 from tests.conftest import TEST_PIN_ROOT
 
 pytestmark = pytest.mark.kernel
@@ -47,16 +54,6 @@ def lb_objects(local_nodes: list[str]) -> list[dict[str, Any]]:
     return [svc, sl]
 
 
-def wait(cond: Any, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def test_health_check_node_port_reports_local_endpoints(testbed: Testbed,
                                                         tmp_path: Path) -> None:
     tb = testbed
@@ -71,17 +68,18 @@ def test_health_check_node_port_reports_local_endpoints(testbed: Testbed,
         "--metrics-bind-address", "", "--healthz-bind-address", ""),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        code, body, weight = wait(lambda: probe(tb.node, HCNP))
+        code, body, weight = wait_until(lambda: probe(tb.node, HCNP), timeout=15)
         assert code == 200 and weight == "2"
         assert body == {"service": {"namespace": "default", "name": "web"},
                         "localEndpoints": 2, "serviceProxyHealthy": True}
         # Endpoints move to other nodes: 503, so the load balancer skips this node.
         write_objects(str(manifest), lb_objects(["node-2", "node-3"]))
-        code, body, weight = wait(lambda: (r := probe(tb.node, HCNP)) and r[0] == 503 and r)
+        code, body, weight = wait_until(
+            lambda: (r := probe(tb.node, HCNP)) and r[0] == 503 and r, timeout=15)
         assert body["localEndpoints"] == 0 and weight == "0"
         # The Service goes: the port closes.
         write_objects(str(manifest), [])
-        wait(lambda: probe(tb.node, HCNP) is None)
+        wait_until(lambda: probe(tb.node, HCNP) is None, timeout=15)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0, out

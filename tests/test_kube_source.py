@@ -19,7 +19,7 @@ import yaml
 from controller.fakeapi import FakeApiServer
 from controller.objects import ObjectKey
 from controller.sources.kube import KubeSource, api_client
-from controller.testbed import service_obj, slice_obj
+from controller.testbed import service_obj, slice_obj, wait_until
 from controller.tracker import ChangeTracker
 from controller.translate import NodeInfo
 
@@ -43,16 +43,6 @@ class Recorder:
 
     def invalid_object(self, kind: str) -> None:
         self.invalid.append(kind)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -120,9 +110,9 @@ def test_paged_list_then_watch(api: FakeApiServer, harness: Callable[..., Harnes
     pages = [r for r in api.requests if r.startswith("GET /api/v1/services?") and "limit=2" in r]
     assert len(pages) == 3 and sum("continue=" in r for r in pages) == 2
     api.apply(slice_obj("web1", ["10.244.0.1", "10.244.0.9"], TPORTS))
-    wait_for(lambda: len(h.frontends().get("10.96.0.1", [])) == 2)
+    wait_until(lambda: len(h.frontends().get("10.96.0.1", [])) == 2, timeout=10)
     api.delete("Service", "web2")
-    wait_for(lambda: "10.96.0.2" not in h.frontends())
+    wait_until(lambda: "10.96.0.2" not in h.frontends(), timeout=10)
 
 
 def test_bookmarks_advance_a_quiet_watch(api: FakeApiServer,
@@ -133,7 +123,8 @@ def test_bookmarks_advance_a_quiet_watch(api: FakeApiServer,
     before = int(services.resource_version or 0)
     for i in range(5):  # changes to another resource only
         api.apply({"kind": "Node", "apiVersion": "v1", "metadata": {"name": f"other-{i}"}})
-    wait_for(lambda: int(services.resource_version or 0) >= api.resource_version)
+    wait_until(lambda: int(services.resource_version or 0) >= api.resource_version,
+               timeout=10)
     assert int(services.resource_version or 0) > before
     assert any("allowWatchBookmarks=true" in r for r in api.requests)
 
@@ -153,8 +144,8 @@ def test_gone_relists_and_drops_nothing_programmed(api: FakeApiServer,
     api.compact()
     api.port = port
     api.start()
-    wait_for(lambda: ("services", "gone") in h.obs.relists
-             and ("endpointslices", "gone") in h.obs.relists)
+    wait_until(lambda: ("services", "gone") in h.obs.relists
+               and ("endpointslices", "gone") in h.obs.relists, timeout=10)
     applied = h.tracker.apply()
     # Exactly what changed, nothing else: web2 was never removed and re-added.
     assert sorted(str(f.ip) for f in applied.diff.removed) == ["10.96.0.3"]
@@ -177,7 +168,7 @@ def test_errors_are_counted_and_retried(api: FakeApiServer, tmp_path: Path,
     api.apply(slice_obj("web1", ["10.244.0.2"], TPORTS))
     api.port = port
     api.start()
-    wait_for(lambda: h.frontends().get("10.96.0.1") == ["10.244.0.2:8080"], timeout=20)
+    wait_until(lambda: h.frontends().get("10.96.0.1") == ["10.244.0.2:8080"], timeout=20)
     assert any(reason == "connection" for _, reason in h.obs.errors)
 
 
@@ -188,13 +179,13 @@ def test_invalid_object_keeps_its_last_valid_version(api: FakeApiServer,
     bad = service_obj("web1", "10.96.0.1", [("http", 0, "TCP")])
     api.apply(bad)
     api.apply_many(web(2, "10.244.0.2"))
-    wait_for(lambda: "10.96.0.2" in h.frontends())
+    wait_until(lambda: "10.96.0.2" in h.frontends(), timeout=10)
     assert h.frontends()["10.96.0.1"] == ["10.244.0.1:8080"]
     assert h.obs.invalid == ["Service"]
     # an invalid object in a relist does not delete the last good version either
     api.compact()
     api.drop_watches()
-    wait_for(lambda: ("services", "gone") in h.obs.relists)
+    wait_until(lambda: ("services", "gone") in h.obs.relists, timeout=10)
     assert h.frontends()["10.96.0.1"] == ["10.244.0.1:8080"]
 
 
@@ -209,7 +200,7 @@ def test_node_zone_feeds_topology_hints(api: FakeApiServer,
     assert len(h.frontends()["10.96.0.1"]) == 2  # no zone label: no topology
     api.apply({"kind": "Node", "apiVersion": "v1", "metadata": {
         "name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-b"}}})
-    wait_for(lambda: h.frontends()["10.96.0.1"] == ["10.244.0.2:8080"])
+    wait_until(lambda: h.frontends()["10.96.0.1"] == ["10.244.0.2:8080"], timeout=10)
     # the field selector keeps other nodes out
     assert all("fieldSelector=metadata.name%3Dnode-1" in r
                for r in api.requests if r.startswith("GET /api/v1/nodes"))
@@ -226,7 +217,7 @@ def test_start_event_is_posted(api: FakeApiServer, harness: Callable[..., Harnes
 def test_relist_by_resync_period(api: FakeApiServer, harness: Callable[..., Harness]) -> None:
     api.apply_many(web(1, "10.244.0.1"))
     h = harness(resync_period=0.5)
-    wait_for(lambda: ("services", "resync") in h.obs.relists)
+    wait_until(lambda: ("services", "resync") in h.obs.relists, timeout=10)
     assert h.frontends() == {"10.96.0.1": ["10.244.0.1:8080"]}
 
 
@@ -239,7 +230,7 @@ def test_one_watch_event_is_one_service_of_work(api: FakeApiServer,
     h.tracker.apply()
     work = h.tracker.counters.work
     api.apply(slice_obj("web7", ["10.244.1.7"], TPORTS))
-    wait_for(lambda: h.tracker.pending() == (0, 1))
+    wait_until(lambda: h.tracker.pending() == (0, 1), timeout=10)
     a = h.tracker.apply()
     assert h.tracker.counters.work - work == 2  # one Service translated, one entry compared
     assert [str(e.frontend) for e in a.diff.upserted] == ["10.96.0.7:80/TCP"]

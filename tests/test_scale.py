@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from typing import Any
 
 import pytest
 
 from controller.bench.coldstart import cold_start
-from controller.testbed import slice_obj
+from controller.testbed import slice_obj, wait_until
 
 pytestmark = pytest.mark.kernel
 
 N = 50_000
-
-
-def _wait(cond: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def _count_in_kernel(dp: Any, vip: str, port: int) -> int | None:
@@ -51,7 +43,7 @@ def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any
         eps = ["10.128.0.14", "10.128.0.15", "10.200.0.1"]
         sl = slice_obj("svc-7", eps, [("http", 8080, "TCP")], namespace="bench")
         cs.server.apply(sl)
-        _wait(lambda: t.pending() == (0, 1))
+        wait_until(lambda: t.pending() == (0, 1), timeout=20)
         assert proxier.sync()
         assert proxier.stats.syncs == syncs + 1 and proxier.stats.full_syncs == fulls
         assert t.counters.work - work == 2  # 1 Service translated + 1 entry compared
@@ -63,7 +55,7 @@ def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any
         work = t.counters.work
         cs.server.delete("Service", "svc-9", "bench")
         cs.server.delete("EndpointSlice", "svc-9-abcde", "bench")
-        _wait(lambda: t.pending() == (1, 1))
+        wait_until(lambda: t.pending() == (1, 1), timeout=20)
         assert proxier.sync()
         assert proxier.stats.full_syncs == fulls
         assert t.counters.work - work == 2
@@ -77,7 +69,8 @@ def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any
             sl["metadata"]["labels"], team="blue")))
         cs.server.apply(sl2)
         slices = cs.source.reflectors[1]
-        _wait(lambda: int(slices.resource_version) >= cs.server.resource_version)
+        wait_until(lambda: int(slices.resource_version) >= cs.server.resource_version,
+                   timeout=20)
         assert t.pending() == (0, 0)  # dropped as a no-op by the tracker
         ops_before = proxier.stats.syncs
         assert proxier.sync()

@@ -26,6 +26,7 @@ from controller.testbed import (
     spread,
     tcp_request,
     udp_request,
+    wait_until,
     write_objects,
 )
 from tests.conftest import TEST_PIN_ROOT
@@ -137,15 +138,6 @@ def test_links_created_later_are_attached(testbed: Testbed,
 
 # ----- the real CLI, as a process in the node's namespace ---------------------------
 
-def _wait(pred: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached")
-
-
 def _status(tb: Testbed, instance: str) -> dict:
     out = subprocess.run(kpr_argv(tb.node, "status", "--json", "--instance", instance,
                                   "--bpffs-root", str(TEST_PIN_ROOT)),
@@ -171,7 +163,8 @@ def test_kpr_run_from_file_status_sigterm_and_cleanup(testbed: Testbed, tmp_path
                                      "--bpffs-root", root, "--poll-interval", "0.1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait(lambda: set(spread(client.ns, VIP, 80, 30, timeout=0.5)) == {"a", "b", "c"})
+        wait_until(lambda: set(spread(client.ns, VIP, 80, 30, timeout=0.5)) == {"a", "b", "c"},
+                   timeout=30)
         st = _status(tb, instance)
         assert st["services"] == [{
             "name": "default/web:http",
@@ -183,7 +176,8 @@ def test_kpr_run_from_file_status_sigterm_and_cleanup(testbed: Testbed, tmp_path
         # Remove b with an atomic rename; new connections avoid it.
         write_objects(str(manifest), [service_obj("web", VIP, ports),
                                       slice_obj("web", ips(tb, "ac"), target)])
-        _wait(lambda: len(_status(tb, instance)["services"][0]["backends"]) == 2)
+        wait_until(lambda: len(_status(tb, instance)["services"][0]["backends"]) == 2,
+                   timeout=30)
         assert set(spread(client.ns, VIP, 80, 60)) == {"a", "c"}
 
         # An invalid object is reported by name and field; the valid one stays.

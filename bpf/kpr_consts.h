@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Constants shared by the BPF programs and (parsed from this file) the controller.
  *
- * The controller reads `enum kpr_stat` from this file by name, so the order here is
- * the single source of truth for the stats map index: append, never reorder.
+ * The controller reads `enum kpr_stat` and the KPR_SVC_F_* / KPR_CFG_F_* / KPR_SCOPE_*
+ * values from this file by name, so this file is their single source of truth. The
+ * stats enum is append-only: its order is the stats map index.
  */
 #ifndef KPR_CONSTS_H
 #define KPR_CONSTS_H
@@ -23,6 +24,26 @@
 #ifndef KPR_MAX_FRAG
 #define KPR_MAX_FRAG 8192
 #endif
+#ifndef KPR_MAX_AFFINITY
+#define KPR_MAX_AFFINITY 65536
+#endif
+#ifndef KPR_MAX_SRC_RANGES
+#define KPR_MAX_SRC_RANGES 16384
+#endif
+#ifndef KPR_MAX_NODE_ADDRS
+#define KPR_MAX_NODE_ADDRS 256
+#endif
+#ifndef KPR_MAX_LOCAL_CIDRS
+#define KPR_MAX_LOCAL_CIDRS 64
+#endif
+#ifndef KPR_MAX_MAGLEV
+#define KPR_MAX_MAGLEV 1024
+#endif
+/* Entries of a Maglev table: a prime, about 100 x the largest backend count, so each
+ * backend's share stays within ~1% of 1/n (Maglev paper, section 3.4). */
+#ifndef KPR_MAGLEV_SIZE
+#define KPR_MAGLEV_SIZE 16381
+#endif
 
 /* Directory on bpffs where maps are pinned, e.g. "/sys/fs/bpf/kpr/default". */
 #ifndef KPR_PIN_DIR
@@ -40,12 +61,34 @@
  * shared cache line of a busy flow. */
 #define KPR_CT_REFRESH_NS (1ULL * KPR_NSEC_PER_SEC)
 
+/* Masquerade source ports: the client's own port first, then this many random
+ * tries in [KPR_SNAT_PORT_MIN, 65535] (kube-proxy's MASQUERADE --random-fully
+ * picks at random too). */
+#define KPR_SNAT_TRIES 16
+#define KPR_SNAT_PORT_MIN 1024
+
 /* struct kpr_ct_value.flags */
 #define KPR_CT_F_CLOSING 0x1 /* a FIN or RST was seen from the client */
 
-/* struct kpr_svc_key.scope */
-#define KPR_SCOPE_EXTERNAL 0 /* the entry every client uses */
-#define KPR_SCOPE_INTERNAL 1 /* reserved: in-cluster view when traffic policies differ */
+/* struct kpr_svc4_key.scope */
+#define KPR_SCOPE_EXTERNAL 0 /* the entry clients use */
+#define KPR_SCOPE_INTERNAL 1 /* external Local frontend: cluster backends for in-cluster clients */
+
+/* struct kpr_svc_value.flags */
+#define KPR_SVC_F_EXTERNAL 0x1    /* NodePort, LoadBalancer IP or externalIP */
+#define KPR_SVC_F_LOCAL 0x2       /* traffic policy Local: node-local backends only */
+#define KPR_SVC_F_AFFINITY 0x4    /* sessionAffinity ClientIP */
+#define KPR_SVC_F_SRC_RANGES 0x8  /* loadBalancerSourceRanges: check src_ranges4 */
+#define KPR_SVC_F_DROP_EMPTY 0x10 /* no backend: drop (Local, endpoints elsewhere), not reject */
+#define KPR_SVC_F_MAGLEV 0x20     /* Maglev: the flow hash picks from maglev4 */
+#define KPR_SVC_F_INTERNAL 0x40   /* has a KPR_SCOPE_INTERNAL twin for in-cluster clients */
+
+/* struct kpr_config4.flags */
+#define KPR_CFG_F_MASQ_ALL 0x1     /* masqueradeAll */
+#define KPR_CFG_F_DETECT_LOCAL 0x2 /* local_cidrs4 holds the cluster CIDRs */
+
+/* node_addrs4 value bits */
+#define KPR_ADDR_F_NODEPORT 0x1 /* NodePorts answer on this address */
 
 /* struct kpr_pkt4.frag */
 #define KPR_FRAG_NONE 0  /* not fragmented */
@@ -67,11 +110,18 @@ enum kpr_stat {
 	KPR_STAT_NEW_FLOW,          /* backends chosen for a new flow */
 	KPR_STAT_CT_HIT,            /* packets that reused their flow's backend */
 	KPR_STAT_CT_STALE,          /* flows whose backend was gone: chosen again */
-	KPR_STAT_DROP_NO_BACKEND,   /* service with no usable backend: dropped */
+	KPR_STAT_DROP_NO_BACKEND,   /* Local policy, no local backend: dropped */
 	KPR_STAT_DROP_NAT_FAIL,     /* a helper failed while rewriting: dropped */
-	KPR_STAT_CT_FULL,           /* a conntrack or reverse-NAT insert failed */
+	KPR_STAT_CT_FULL,           /* a conntrack or NAT map insert failed */
 	KPR_STAT_FRAG_MISS,         /* non-first fragment with no tracked first fragment */
 	KPR_STAT_TRUNCATED,         /* headers shorter than they claim: passed untouched */
+	KPR_STAT_REJECT,            /* no endpoints or undefined port: ICMP unreachable sent */
+	KPR_STAT_DROP_SOURCE_RANGE, /* source outside loadBalancerSourceRanges: dropped */
+	KPR_STAT_SNAT,              /* packets masqueraded (egress) */
+	KPR_STAT_UNSNAT,            /* replies to a masquerade address restored (ingress) */
+	KPR_STAT_DROP_SNAT_PORTS,   /* no free masquerade port found: dropped */
+	KPR_STAT_AFFINITY_HIT,      /* new flows that kept their client's backend */
+	KPR_STAT_SOCK_LB,           /* connect/sendmsg translated by the socket programs */
 	KPR_STAT_MAX,
 };
 

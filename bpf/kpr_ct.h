@@ -1,7 +1,17 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Connection tracking: a flow keeps the backend it was first given for as long as
- * that backend exists and the entry has not expired, whatever happens to the
- * service's backend set meanwhile. */
+/* Connection tracking: a flow keeps the backend (and masquerade port) it was first
+ * given for as long as that backend exists and the entry has not expired, whatever
+ * happens to the service's backend set meanwhile.
+ *
+ * One flow owns up to four entries, each looked up where its packets are seen:
+ *   ct4      client -> frontend  (ingress: which backend)
+ *   snat4    client -> backend   (egress, masqueraded flows: which source)
+ *   unsnat4  backend -> node     (ingress, masqueraded replies: which client)
+ *   revnat4  backend -> client   (egress: which frontend the reply comes from)
+ * DNAT at ingress and SNAT at egress keep the stack's routing between them seeing
+ * ordinary addresses: a reply rewritten at ingress to come from a node address
+ * would be dropped as a martian (fib_validate_source, every kernel).
+ */
 #ifndef KPR_CT_H
 #define KPR_CT_H
 
@@ -40,34 +50,91 @@ static __always_inline int kpr_ct_usable(const struct kpr_ct_value *ct,
 	return 1;
 }
 
-/* Write the reply-direction entry so that egress can restore the service address. */
-static __always_inline int kpr_revnat4_write(const struct kpr_pkt4 *orig,
-					     const struct kpr_backend4 *be)
+/* The reply-direction entries: revnat4 always; snat4 and unsnat4 when masqueraded.
+ * `orig` is the packet as the client sent it. Returns 0 or a map error. */
+static __always_inline int kpr_nat4_entries(const struct kpr_pkt4 *orig,
+					    const struct kpr_fwd4 *f)
 {
-	struct kpr_tuple4 rk = {};
+	struct kpr_tuple4 k = {};
 	struct kpr_revnat4 rv = {};
+	struct kpr_nat_addr4 na = {};
+	int ret;
 
-	rk.saddr = be->addr;
-	rk.daddr = orig->saddr;
-	rk.sport = be->port;
-	rk.dport = orig->sport;
-	rk.proto = orig->proto;
+	k.saddr = f->be_addr;
+	k.daddr = orig->saddr;
+	k.sport = f->be_port;
+	k.dport = orig->sport;
+	k.proto = orig->proto;
 	rv.vip = orig->daddr;
 	rv.port = orig->dport;
-	return revnat4.update(&rk, &rv);
+	ret = revnat4.update(&k, &rv);
+	if (ret || !f->snat_addr)
+		return ret;
+
+	k.daddr = f->snat_addr; /* backend -> masquerade address */
+	k.dport = f->snat_port;
+	na.addr = orig->saddr;
+	na.port = orig->sport;
+	ret = unsnat4.update(&k, &na);
+	if (ret)
+		return ret;
+
+	k.saddr = orig->saddr; /* client -> backend, as it leaves after DNAT */
+	k.daddr = f->be_addr;
+	k.sport = orig->sport;
+	k.dport = f->be_port;
+	na.addr = f->snat_addr;
+	na.port = f->snat_port;
+	return snat4.update(&k, &na);
+}
+
+/* Pick the masquerade port for a new flow: the client's own if the reply tuple
+ * (backend -> snat_addr:port) is free or already this client's, else random ones.
+ * The unsnat4 insert (BPF_NOEXIST) claims the port against a concurrent flow on
+ * another CPU. Returns 0 with f->snat_* set, or -1 when every try was taken. */
+static __always_inline int kpr_snat4_port(const struct kpr_pkt4 *p, struct kpr_fwd4 *f,
+					  __be32 snat_addr)
+{
+	struct kpr_tuple4 k = {};
+	struct kpr_nat_addr4 client = {};
+	struct kpr_nat_addr4 *cur;
+	__u16 port = bpf_ntohs(p->sport);
+	int i;
+
+	k.saddr = f->be_addr;
+	k.daddr = snat_addr;
+	k.sport = f->be_port;
+	k.proto = p->proto;
+	client.addr = p->saddr;
+	client.port = p->sport;
+	for (i = 0; i < KPR_SNAT_TRIES; i++) {
+		k.dport = bpf_htons(port);
+		cur = unsnat4.lookup(&k);
+		if (cur && cur->addr == client.addr && cur->port == client.port)
+			goto found;
+		if (!cur && unsnat4.insert(&k, &client) == 0)
+			goto found;
+		port = KPR_SNAT_PORT_MIN +
+		       bpf_get_prandom_u32() % (65536 - KPR_SNAT_PORT_MIN);
+	}
+	return -1;
+found:
+	f->snat_addr = snat_addr;
+	f->snat_port = k.dport;
+	return 0;
 }
 
 /* Mark a flow closing on FIN/RST and refresh last_seen at most every
- * KPR_CT_REFRESH_NS; re-assert the reverse entry at the same cadence so that an LRU
- * eviction of it never outlives an active flow by more than a second. */
+ * KPR_CT_REFRESH_NS; re-assert the reply-side entries at the same cadence so that
+ * an LRU eviction of one never outlives an active flow by more than a second. */
 static __always_inline void kpr_ct_touch(struct kpr_ct_value *ct, const struct kpr_pkt4 *p,
-					 const struct kpr_backend4 *be, __u64 now)
+					 const struct kpr_fwd4 *f, __u64 now)
 {
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		ct->flags |= KPR_CT_F_CLOSING;
 	if (now - ct->last_seen > KPR_CT_REFRESH_NS) {
 		ct->last_seen = now;
-		kpr_revnat4_write(p, be);
+		kpr_nat4_entries(p, f);
 	}
 }
 

@@ -1,5 +1,18 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Service lookup and backend selection. */
+/* Frontend lookup, traffic policy, masquerade decision and backend selection.
+ *
+ * The rules are kube-proxy's (pkg/proxy/iptables/proxier.go, v1.31):
+ *  - external frontends (NodePort, LB IP, externalIP) with policy Cluster
+ *    masquerade every client;
+ *  - with policy Local they keep the client's address and use node-local backends,
+ *    except for clients inside the cluster (detect-local), which use all backends
+ *    ("pod traffic to an external destination"), and the node itself, which also
+ *    masquerades;
+ *  - ClusterIPs masquerade clients outside the cluster CIDRs when detect-local is
+ *    configured, and everything with masqueradeAll;
+ *  - a client that lands on itself (hairpin) is always masqueraded, or its own
+ *    stack would drop the packet for carrying its own source address.
+ */
 #ifndef KPR_LB_H
 #define KPR_LB_H
 
@@ -7,28 +20,131 @@
 #include "kpr_maps.h"
 #include "kpr_ct.h"
 
-static __always_inline struct kpr_svc_value *kpr_svc4_lookup(const struct kpr_pkt4 *p)
-{
-	struct kpr_svc4_key k = {};
+#define KPR_LB_OK 0        /* f is filled in */
+#define KPR_LB_EMPTY 1     /* the service has no backend for this client */
+#define KPR_LB_NO_PORT 2   /* no free masquerade port */
 
-	k.vip = p->daddr;
-	k.port = p->dport;
-	k.proto = p->proto;
-	k.scope = KPR_SCOPE_EXTERNAL;
-	return services4.lookup(&k);
+/* The frontend a packet is addressed to, with its key in *k. NULL when there is
+ * none; then *vip_only says whether the address is a ClusterIP (its undefined ports
+ * are rejected, as kube-proxy's nftables mode does). */
+static __always_inline struct kpr_svc_value *kpr_frontend4(const struct kpr_pkt4 *p,
+							   struct kpr_svc4_key *k, int *vip_only)
+{
+	struct kpr_svc_value *svc;
+	__u32 *addr_flags;
+
+	k->vip = p->daddr;
+	k->port = p->dport;
+	k->proto = p->proto;
+	k->scope = KPR_SCOPE_EXTERNAL;
+	svc = services4.lookup(k);
+	if (svc)
+		return svc;
+	addr_flags = node_addrs4.lookup((__be32 *)&p->daddr);
+	if (addr_flags && (*addr_flags & KPR_ADDR_F_NODEPORT)) {
+		k->vip = 0;
+		svc = services4.lookup(k);
+		if (svc)
+			return svc;
+	}
+	*vip_only = cluster_ips4.lookup((__be32 *)&p->daddr) != NULL;
+	return NULL;
 }
 
-/* Random choice among slots [0, count). A slot miss can only be a packet racing a
- * shrink (count read before the controller lowered it): fall back to slot 0, which
- * every non-empty service has. */
-static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_svc_value *svc,
+static __always_inline int kpr_src_allowed(const struct kpr_svc_value *svc, __be32 saddr)
+{
+	struct kpr_src_range4_key k = {};
+
+	k.prefixlen = 64;
+	k.svc_id = svc->svc_id;
+	k.addr = saddr;
+	return src_ranges4.lookup(&k) != NULL;
+}
+
+static __always_inline int kpr_in_cluster(__be32 addr)
+{
+	struct kpr_lpm4_key k = {};
+
+	k.prefixlen = 32;
+	k.addr = addr;
+	return local_cidrs4.lookup(&k) != NULL;
+}
+
+/* Apply the traffic policy: may switch *svc to the frontend's in-cluster twin.
+ * Returns 1 when the flow must be masqueraded (before the hairpin check). */
+static __always_inline int kpr_policy4(const struct kpr_pkt4 *p, struct kpr_svc4_key *k,
+				       struct kpr_svc_value **svc,
+				       const struct kpr_config4 *cfg)
+{
+	struct kpr_svc_value *twin;
+	__u16 flags = (*svc)->flags;
+	int detect = cfg && (cfg->flags & KPR_CFG_F_DETECT_LOCAL);
+	int masq = cfg && (cfg->flags & KPR_CFG_F_MASQ_ALL);
+
+	if (!(flags & KPR_SVC_F_EXTERNAL))
+		return masq || (detect && !kpr_in_cluster(p->saddr));
+	if (!(flags & KPR_SVC_F_LOCAL))
+		return 1;
+	if (!(flags & KPR_SVC_F_INTERNAL))
+		return masq;
+	if (node_addrs4.lookup((__be32 *)&p->saddr)) {
+		masq = 1; /* the node itself: its source would be the frontend's own */
+	} else if (!(detect && kpr_in_cluster(p->saddr))) {
+		return masq; /* an external client: local backends, source kept */
+	}
+	k->scope = KPR_SCOPE_INTERNAL;
+	twin = services4.lookup(k);
+	if (twin)
+		*svc = twin;
+	return masq;
+}
+
+/* A 32-bit hash of the flow's 5-tuple (murmur3's finaliser over a simple mix):
+ * Maglev needs the same flow to hash the same on every node and every CPU. */
+static __always_inline __u32 kpr_hash4(const struct kpr_pkt4 *p)
+{
+	__u32 h = p->saddr * 0x9e3779b1U;
+
+	h ^= p->daddr + 0x85ebca6bU + (h << 6) + (h >> 2);
+	h ^= (((__u32)p->sport << 16) | p->dport) + 0xc2b2ae35U + (h << 6) + (h >> 2);
+	h ^= p->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bU;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35U;
+	h ^= h >> 16;
+	return h;
+}
+
+/* A backend for a new flow: Maglev's table entry for the flow's hash, or a random
+ * slot. A slot miss can only be a packet racing a shrink (count read before the
+ * controller lowered it): fall back to slot 0, which every non-empty service has. */
+static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_pkt4 *p,
+							   const struct kpr_svc_value *svc,
 							   __u32 *backend_id)
 {
 	struct kpr_slot_key sk = {};
+	struct kpr_maglev *tbl;
 	__u32 *id;
 
 	if (svc->count == 0)
 		return NULL;
+	if (svc->flags & KPR_SVC_F_MAGLEV) {
+		__u32 sid = svc->svc_id;
+
+		tbl = maglev4.lookup(&sid);
+		if (tbl) {
+			__u32 idx = kpr_hash4(p) % KPR_MAGLEV_SIZE;
+
+			/* clang lowers % to div/mul/sub, which the verifier cannot bound
+			 * (kernel 6.18): hide idx from the optimiser and check it again. */
+			asm volatile("" : "+r"(idx));
+			if (idx >= KPR_MAGLEV_SIZE)
+				return NULL;
+			*backend_id = tbl->backend_ids[idx];
+			return backends4.lookup(backend_id);
+		}
+	}
 	sk.svc_id = svc->svc_id;
 	sk.slot = bpf_get_prandom_u32() % svc->count;
 	id = backend_slots.lookup(&sk);
@@ -42,15 +158,59 @@ static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_svc_
 	return backends4.lookup(id);
 }
 
-/* The backend for this packet: the flow's own if it is still usable, else a new
- * choice recorded in ct4 and revnat4. NULL: the service has no backend. */
-static __always_inline struct kpr_backend4 *kpr_lb4_backend(const struct kpr_pkt4 *p,
-							    const struct kpr_svc_value *svc)
+/* sessionAffinity ClientIP: the client's backend if it chose one within the timeout
+ * and the service still has it. */
+static __always_inline struct kpr_backend4 *
+kpr_affinity4_get(const struct kpr_pkt4 *p, const struct kpr_svc_value *svc, __u64 now,
+		  __u32 *backend_id)
+{
+	struct kpr_affinity4_key ak = {};
+	struct kpr_member_key mk = {};
+	struct kpr_affinity_value *av;
+	struct kpr_backend4 *be;
+
+	ak.svc_id = svc->svc_id;
+	ak.client = p->saddr;
+	av = affinity4.lookup(&ak);
+	if (!av || now - av->last_used > (__u64)svc->affinity_timeout * KPR_NSEC_PER_SEC)
+		return NULL;
+	mk.svc_id = svc->svc_id;
+	mk.backend_id = av->backend_id;
+	if (!members4.lookup(&mk))
+		return NULL;
+	be = backends4.lookup(&mk.backend_id);
+	if (be) {
+		*backend_id = mk.backend_id;
+		kpr_count(KPR_STAT_AFFINITY_HIT);
+	}
+	return be;
+}
+
+static __always_inline void kpr_affinity4_put(const struct kpr_pkt4 *p,
+					      const struct kpr_svc_value *svc, __u64 now,
+					      __u32 backend_id)
+{
+	struct kpr_affinity4_key ak = {};
+	struct kpr_affinity_value av = {};
+
+	ak.svc_id = svc->svc_id;
+	ak.client = p->saddr;
+	av.last_used = now;
+	av.backend_id = backend_id;
+	affinity4.update(&ak, &av);
+}
+
+/* Where this packet goes: the flow's own backend if it is still usable, else a new
+ * choice (affinity, Maglev or random), masqueraded if `masq` or hairpin, recorded
+ * in the conntrack maps. */
+static __always_inline int kpr_lb4_backend(const struct kpr_pkt4 *p,
+					   const struct kpr_svc_value *svc, int masq,
+					   const struct kpr_config4 *cfg, struct kpr_fwd4 *f)
 {
 	struct kpr_tuple4 key;
 	struct kpr_ct_value *ct;
 	struct kpr_ct_value fresh = {};
-	struct kpr_backend4 *be;
+	struct kpr_backend4 *be = NULL;
 	__u64 now = bpf_ktime_get_ns();
 	__u32 backend_id = 0;
 
@@ -60,27 +220,46 @@ static __always_inline struct kpr_backend4 *kpr_lb4_backend(const struct kpr_pkt
 		be = backends4.lookup(&ct->backend_id);
 		if (be) {
 			kpr_count(KPR_STAT_CT_HIT);
-			kpr_ct_touch(ct, p, be, now);
-			return be;
+			f->be_addr = be->addr;
+			f->be_port = be->port;
+			f->snat_addr = ct->snat_addr;
+			f->snat_port = ct->snat_port;
+			kpr_ct_touch(ct, p, f, now);
+			return KPR_LB_OK;
 		}
 		/* The backend is gone: a datagram flow moves to a live one; a TCP flow
 		 * gets a backend that answers with RST, so it fails fast, never hangs. */
 		kpr_count(KPR_STAT_CT_STALE);
 	}
 
-	be = kpr_lb4_select(svc, &backend_id);
+	if (svc->flags & KPR_SVC_F_AFFINITY)
+		be = kpr_affinity4_get(p, svc, now, &backend_id);
 	if (!be)
-		return NULL;
+		be = kpr_lb4_select(p, svc, &backend_id);
+	if (!be)
+		return KPR_LB_EMPTY;
+	f->be_addr = be->addr;
+	f->be_port = be->port;
+	f->snat_addr = 0;
+	f->snat_port = 0;
+	if (svc->flags & KPR_SVC_F_AFFINITY)
+		kpr_affinity4_put(p, svc, now, backend_id);
 
+	if ((masq || f->be_addr == p->saddr) && cfg && cfg->snat_addr) {
+		if (kpr_snat4_port(p, f, cfg->snat_addr) < 0)
+			return KPR_LB_NO_PORT;
+	}
 	fresh.last_seen = now;
 	fresh.backend_id = backend_id;
 	fresh.svc_id = svc->svc_id;
+	fresh.snat_addr = f->snat_addr;
+	fresh.snat_port = f->snat_port;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		fresh.flags = KPR_CT_F_CLOSING;
-	if (ct4.update(&key, &fresh) || kpr_revnat4_write(p, be))
+	if (ct4.update(&key, &fresh) || kpr_nat4_entries(p, f))
 		kpr_count(KPR_STAT_CT_FULL);
 	kpr_count(KPR_STAT_NEW_FLOW);
-	return be;
+	return KPR_LB_OK;
 }
 
 #endif /* KPR_LB_H */

@@ -45,6 +45,7 @@ static __always_inline int kpr_parse_ipv4(struct __sk_buff *skb, struct kpr_pkt4
 	p->daddr = ip->daddr;
 	p->proto = ip->protocol;
 	p->ip_id = ip->id;
+	p->ihl_len = ihl_len;
 	p->l4_off = sizeof(struct ethhdr) + ihl_len;
 
 	frag_off = bpf_ntohs(ip->frag_off);

@@ -2,9 +2,13 @@
 /* tc (clsact) entry points.
  *
  * kpr_ingress runs on packets entering the node from a pod or an external link:
- * a packet to a service frontend is DNATed to a backend (and its flow recorded).
- * kpr_egress runs on packets leaving the node: a reply from a backend gets its
- * source restored to the service address the client used.
+ *   - a reply to a masquerade address gets its client back as destination;
+ *   - a packet to a service frontend is checked against source ranges and traffic
+ *     policy, then DNATed to a backend (its flow recorded), or rejected or dropped
+ *     when the service has no backend for it.
+ * kpr_egress runs on packets leaving the node:
+ *   - a masqueraded flow's packet gets its masquerade source;
+ *   - a reply from a backend gets its source restored to the frontend.
  *
  * Both return TC_ACT_OK for everything that is not theirs, untouched.
  */
@@ -23,6 +27,7 @@
 #include "kpr_nat.h"
 #include "kpr_ct.h"
 #include "kpr_lb.h"
+#include "kpr_icmp.h"
 
 /* Parse the packet and recover a later fragment's ports. Returns 0 when the packet
  * is IPv4 TCP/UDP with usable ports (counted under `seen`), -1 to pass it untouched. */
@@ -42,31 +47,69 @@ static __always_inline int kpr_load_pkt(struct __sk_buff *skb, struct kpr_pkt4 *
 	return 0;
 }
 
+/* Rewrite one side of the packet from a NAT map value (copied out first: the value
+ * may change under us). */
+static __always_inline int kpr_apply4(struct __sk_buff *skb, struct kpr_pkt4 *p, int dnat,
+				      const struct kpr_nat_addr4 *na, __u32 stat)
+{
+	__be32 addr = na->addr;
+	__be16 port = na->port;
+
+	kpr_frag4_remember(p);
+	if (kpr_nat4_rewrite(skb, p, dnat, addr, port) < 0) {
+		kpr_count(KPR_STAT_DROP_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	kpr_count(stat);
+	return TC_ACT_OK;
+}
+
 int kpr_ingress(struct __sk_buff *skb)
 {
 	struct kpr_pkt4 p = {};
+	struct kpr_tuple4 t;
+	struct kpr_svc4_key k = {};
+	struct kpr_fwd4 f = {};
 	struct kpr_svc_value *svc;
-	struct kpr_backend4 *be;
-	__be32 be_addr;
-	__be16 be_port;
+	struct kpr_nat_addr4 *na;
+	struct kpr_config4 *cfg;
+	int vip_only = 0;
+	int masq;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_INGRESS_PKTS) < 0)
 		return TC_ACT_OK;
 
-	svc = kpr_svc4_lookup(&p);
+	kpr_tuple4_from_pkt(&p, &t);
+	na = unsnat4.lookup(&t);
+	if (na)
+		return kpr_apply4(skb, &p, 1, na, KPR_STAT_UNSNAT);
+
+	svc = kpr_frontend4(&p, &k, &vip_only);
 	if (!svc)
-		return TC_ACT_OK;
+		return vip_only ? kpr_icmp4_reject(skb, &p) : TC_ACT_OK;
 	kpr_frag4_remember(&p);
 
-	be = kpr_lb4_backend(&p, svc);
-	if (!be) {
-		kpr_count(KPR_STAT_DROP_NO_BACKEND);
+	if ((svc->flags & KPR_SVC_F_SRC_RANGES) && !kpr_src_allowed(svc, p.saddr)) {
+		kpr_count(KPR_STAT_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
-	/* copy out of the map value before rewriting the packet */
-	be_addr = be->addr;
-	be_port = be->port;
-	if (kpr_nat4_rewrite(skb, &p, 1, be_addr, be_port) < 0) {
+	cfg = kpr_config();
+	masq = kpr_policy4(&p, &k, &svc, cfg);
+
+	switch (kpr_lb4_backend(&p, svc, masq, cfg, &f)) {
+	case KPR_LB_OK:
+		break;
+	case KPR_LB_EMPTY:
+		if (svc->flags & KPR_SVC_F_DROP_EMPTY) {
+			kpr_count(KPR_STAT_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		return kpr_icmp4_reject(skb, &p);
+	default:
+		kpr_count(KPR_STAT_DROP_SNAT_PORTS);
+		return TC_ACT_SHOT;
+	}
+	if (kpr_nat4_rewrite(skb, &p, 1, f.be_addr, f.be_port) < 0) {
 		kpr_count(KPR_STAT_DROP_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
@@ -77,25 +120,23 @@ int kpr_ingress(struct __sk_buff *skb)
 int kpr_egress(struct __sk_buff *skb)
 {
 	struct kpr_pkt4 p = {};
-	struct kpr_tuple4 key;
+	struct kpr_tuple4 t;
+	struct kpr_nat_addr4 *na;
 	struct kpr_revnat4 *rn;
-	__be32 vip;
-	__be16 vport;
+	struct kpr_nat_addr4 v;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_EGRESS_PKTS) < 0)
 		return TC_ACT_OK;
 
-	kpr_tuple4_from_pkt(&p, &key);
-	rn = revnat4.lookup(&key);
+	kpr_tuple4_from_pkt(&p, &t);
+	na = snat4.lookup(&t);
+	if (na)
+		return kpr_apply4(skb, &p, 0, na, KPR_STAT_SNAT);
+	rn = revnat4.lookup(&t);
 	if (!rn)
 		return TC_ACT_OK;
-	kpr_frag4_remember(&p);
-	vip = rn->vip;
-	vport = rn->port;
-	if (kpr_nat4_rewrite(skb, &p, 0, vip, vport) < 0) {
-		kpr_count(KPR_STAT_DROP_NAT_FAIL);
-		return TC_ACT_SHOT;
-	}
-	kpr_count(KPR_STAT_REVNAT);
-	return TC_ACT_OK;
+	v.addr = rn->vip;
+	v.port = rn->port;
+	v.pad = 0;
+	return kpr_apply4(skb, &p, 0, &v, KPR_STAT_REVNAT);
 }

@@ -11,6 +11,7 @@ forwarding continues while it is down or being upgraded; ``--cleanup-on-exit`` o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -38,8 +39,14 @@ def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
     sizes = MapSizes(**{k: v for k, v in (
         ("services", ms.services), ("slots", ms.slots),
         ("backends", ms.backends), ("conntrack", ms.conntrack)) if v})
+    sizes = dataclasses.replace(sizes, maglev_size=cfg.maglev_table_size)
     return EbpfConfig(interfaces=list(cfg.interfaces), instance=cfg.instance,
-                      pin_root=Path(cfg.bpffs_root), sizes=sizes, netns=netns)
+                      pin_root=Path(cfg.bpffs_root), sizes=sizes, netns=netns,
+                      nodeport_addresses=tuple(cfg.nodeport_addresses),
+                      cluster_cidrs=tuple(n for n in cfg.cluster_cidrs if n.version == 4),
+                      masquerade_all=cfg.masquerade_all,
+                      masquerade_address=cfg.masquerade_address,
+                      lb_algorithm=cfg.lb_algorithm)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -49,7 +56,8 @@ def _load_config(args: argparse.Namespace) -> Any:
         "mode", "source", "kubeconfig", "master", "hostname_override", "cluster_cidrs",
         "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
         "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
-        "instance", "bpffs_root", "poll_interval")}
+        "instance", "bpffs_root", "poll_interval", "lb_algorithm", "maglev_table_size",
+        "masquerade_address")}
     raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
     raw["masquerade_all"] = True if args.masquerade_all else None
     overrides = config.flag_overrides(**raw)
@@ -336,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--poll-interval", metavar="DURATION",
                    help="how often a file source checks for changes")
     r.add_argument("--masquerade-all", action="store_true")
+    r.add_argument("--lb-algorithm", help="random or maglev (default for Services without "
+                   "the kpr.dev/lb-algorithm annotation)")
+    r.add_argument("--maglev-table-size", help="entries per Maglev table (a prime)")
+    r.add_argument("--masquerade-address", help="node IPv4 address masqueraded traffic "
+                   "leaves with (default: the default route's source)")
     r.add_argument("--max-services", type=int, default=0)
     r.add_argument("--max-slots", type=int, default=0)
     r.add_argument("--max-backends", type=int, default=0)

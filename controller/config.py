@@ -109,6 +109,16 @@ class ProxyConfig:
     """kpr.pollInterval: how often a file source looks for changes."""
     cleanup_on_exit: bool = False
     """kpr.cleanupOnExit: remove programs and maps when stopping (forwarding stops)."""
+    lb_algorithm: str = "random"
+    """kpr.loadBalancing / --lb-algorithm: random or maglev, for Services without the
+    kpr.dev/lb-algorithm annotation."""
+    maglev_table_size: int = 16381
+    """kpr.maglevTableSize / --maglev-table-size: entries per Maglev table, a prime
+    at least 100 x the largest backend count for even shares."""
+    masquerade_address: str = ""
+    """kpr.masqueradeAddress / --masquerade-address: the node address masqueraded
+    traffic leaves with; "" picks the default route's source (else the first
+    global, non-link-local address)."""
 
 
 # ----- parsing helpers ----------------------------------------------------------------------
@@ -255,7 +265,40 @@ _TOP: dict[str, tuple[str, Any]] = {
     "syncPeriod": ("sync_period", parse_duration),
     "minSyncPeriod": ("min_sync_period", parse_duration),
 }
+def _lb_algorithm(value: Any, where: str) -> str:
+    if value not in ("random", "maglev"):
+        raise ConfigError(f"{where}: must be random or maglev, got {value!r}")
+    return str(value)
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def _maglev_size(value: Any, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or not 251 <= n <= 131071 or not _is_prime(n):
+        raise ConfigError(f"{where}: must be a prime from 251 to 131071 (e.g. 251, 1021, "
+                          f"4093, 16381, 65521), got {value!r}")
+    return n
+
+
+def _ipv4(value: Any, where: str) -> str:
+    if value in ("", None):
+        return ""
+    try:
+        return str(ipaddress.IPv4Address(str(value).strip()))
+    except ValueError:
+        raise ConfigError(f"{where}: must be an IPv4 address, got {value!r}") from None
+
+
 _KPR: dict[str, tuple[str, Any]] = {
+    "loadBalancing": ("lb_algorithm", _lb_algorithm),
+    "maglevTableSize": ("maglev_table_size", _maglev_size),
+    "masqueradeAddress": ("masquerade_address", _ipv4),
     "source": ("source", _source),
     "fullSyncPeriod": ("full_sync_period", parse_duration),
     "interfaces": ("interfaces", _interfaces),
@@ -403,6 +446,9 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "bpffs_root": ("--bpffs-root", _str),
         "poll_interval": ("--poll-interval", parse_duration),
         "cleanup_on_exit": ("--cleanup-on-exit", _bool),
+        "lb_algorithm": ("--lb-algorithm", _lb_algorithm),
+        "maglev_table_size": ("--maglev-table-size", _maglev_size),
+        "masquerade_address": ("--masquerade-address", _ipv4),
     }
     for k, v in raw.items():
         if v is None:

@@ -67,6 +67,13 @@ class ServiceFlag(enum.Flag):
     HAS_ENDPOINTS = enum.auto()
     """The Service has usable endpoints somewhere in the cluster. With LOCAL_POLICY
     and no local backend, kube-proxy drops; with no endpoints at all it REJECTs."""
+    MAGLEV = enum.auto()
+    """Annotation kpr.dev/lb-algorithm: maglev. New flows are placed by Maglev
+    consistent hashing of their 5-tuple, so every node picks the same backend and a
+    backend change moves few flows."""
+    RANDOM = enum.auto()
+    """Annotation kpr.dev/lb-algorithm: random, overriding a Maglev default. Neither
+    flag: the datapath's configured default."""
 
 
 @dataclass(frozen=True, slots=True)

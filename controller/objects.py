@@ -25,6 +25,8 @@ from controller.model import IPAddress, IPNetwork, Protocol
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 """EndpointSlice label naming the Service it belongs to."""
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+LB_ALGORITHM_ANNOTATION = "kpr.dev/lb-algorithm"
+"""Per-Service load-balancing algorithm: ``random`` or ``maglev``."""
 """Service label that hands the Service to another proxy (kube-proxy skips these)."""
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -113,6 +115,8 @@ class Service:
     """spec.healthCheckNodePort, 0 when unset."""
     traffic_distribution: str = ""
     """spec.trafficDistribution: "", PreferClose, PreferSameZone or PreferSameNode."""
+    lb_algorithm: str = ""
+    """Annotation kpr.dev/lb-algorithm: "random", "maglev", or "" (the default)."""
 
     @property
     def headless(self) -> bool:
@@ -384,6 +388,11 @@ def parse_service(obj: Any) -> Service:
         except ValueError:
             raise r.fail(path, f"must be a CIDR, got {_show(v)}") from None
     td = r.string(spec.get("trafficDistribution"), "spec.trafficDistribution")
+    annotations = r.mapping(meta.get("annotations"), "metadata.annotations")
+    algo_path = f"metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"
+    algo = r.string(annotations.get(LB_ALGORITHM_ANNOTATION), algo_path)
+    if algo not in ("", "random", "maglev"):
+        raise r.fail(algo_path, f"must be random or maglev, got {_show(algo)}")
 
     svc = Service(
         key=key,
@@ -400,6 +409,7 @@ def parse_service(obj: Any) -> Service:
         health_check_node_port=r.port(spec.get("healthCheckNodePort", 0),
                                       "spec.healthCheckNodePort", allow_zero=True),
         traffic_distribution=td,
+        lb_algorithm=algo,
     )
     # kube-proxy: the external policy only means something for a Service that takes
     # external traffic at all.

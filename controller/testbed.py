@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from controller.datapaths.ebpf.tc import setns_thread
+from controller.datapaths.ebpf.tc import in_netns, setns_thread
 
 T = TypeVar("T")
 GATEWAY = "169.254.1.1"
@@ -73,21 +73,6 @@ def wait_until(cond: Callable[[], T], timeout: float = 15.0, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
-
-
-def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
-    """Run ``fn(*args)`` in a fresh thread inside namespace ``ns``; return its result."""
-    fut: Future[T] = Future()
-
-    def target() -> None:
-        try:
-            setns_thread(ns)
-            fut.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            fut.set_exception(e)
-
-    threading.Thread(target=target, daemon=True).start()
-    return fut.result(timeout)
 
 
 @dataclass
@@ -226,6 +211,34 @@ def spread(ns: str, ip: str, port: int, n: int, proto: str = "tcp",
             counts[name] = counts.get(name, 0) + 1
         return counts
     return in_netns(ns, go, timeout=timeout * n + 30)
+
+
+REJECT = "REJECT"
+DROP = "DROP"
+
+
+def probe(ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
+          bind: str | None = None) -> tuple[str, str] | str:
+    """One request from namespace ``ns``: (backend name, client address the backend
+    saw), or REJECT when refused at once (RST or ICMP unreachable; a connected UDP
+    socket reports the ICMP error), or DROP when nothing answers within ``timeout``."""
+    def go() -> tuple[str, str] | str:
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.settimeout(timeout)
+            if bind:
+                s.bind((bind, 0))
+            try:
+                s.connect((ip, port))
+                s.sendall(b"hello\n")
+                data = s.recv(4096)
+            except ConnectionRefusedError:
+                return REJECT
+            except TimeoutError:
+                return DROP
+            name, seen = data.decode().split()[:2]
+            return name, seen
+    return in_netns(ns, go, timeout=timeout + 30)
 
 
 class Conn:

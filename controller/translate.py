@@ -197,6 +197,8 @@ def translate_service(svc: Service, slices: Iterable[EndpointSlice],
     uses_cluster = not svc.internal_policy_local or external
     uses_local = svc.internal_policy_local or svc.external_policy_local
     base_flags = ServiceFlag.AFFINITY if svc.affinity_timeout else ServiceFlag.NONE
+    if svc.lb_algorithm:
+        base_flags |= ServiceFlag.MAGLEV if svc.lb_algorithm == "maglev" else ServiceFlag.RANDOM
     entries: list[ServiceEntry] = []
     families = sorted({ip.version for ip in svc.cluster_ips})
     for sp in svc.ports:

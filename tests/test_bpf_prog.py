@@ -12,13 +12,13 @@ import pytest
 
 from controller.datapaths.ebpf.datapath import EbpfDatapath, cleanup
 from controller.kernel import prog_test_run
-from controller.model import Backend, Frontend, Protocol, ServiceEntry, State
+from controller.model import Backend, Frontend, Protocol, ServiceEntry, ServiceFlag, State
 from tests.conftest import new_datapath
-from tests.packets import ETH_HDR, frame, ipv4, l4, parse
+from tests.packets import ETH_HDR, csum, frame, ipv4, l4, parse
 
 pytestmark = pytest.mark.kernel
 
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
 CLIENT = "10.244.0.50"
 
@@ -34,6 +34,9 @@ STATE = State([
     entry("10.96.0.20", 80, Protocol.TCP, [("10.244.0.21", 8080)]),
     entry("10.96.0.20", 53, Protocol.UDP, [("10.244.0.21", 5353)]),
     entry("10.96.0.30", 80, Protocol.TCP, []),
+    # internalTrafficPolicy Local, endpoints only on other nodes
+    ServiceEntry.make(Frontend(ipaddress.ip_address("10.96.0.40"), 80, Protocol.TCP), [],
+                      "test/local", flags=ServiceFlag.LOCAL_POLICY | ServiceFlag.HAS_ENDPOINTS),
 ])
 
 
@@ -154,17 +157,39 @@ def test_ihl_beyond_packet_passes_untouched(dp: EbpfDatapath) -> None:
     assert dp.stats()["truncated"] == before + 1
 
 
-@pytest.mark.parametrize("dst,dport,proto", [("10.96.0.99", 80, TCP), ("10.96.0.20", 81, TCP),
-                                             ("10.96.0.20", 80, UDP)])
-def test_unknown_vip_port_or_protocol_passes_untouched(dp: EbpfDatapath, dst: str, dport: int,
-                                                       proto: int) -> None:
-    pkt = frame(CLIENT, dst, 40009, dport, proto)
+def test_unknown_address_passes_untouched(dp: EbpfDatapath) -> None:
+    pkt = frame(CLIENT, "10.96.0.99", 40009, 80, TCP)
     assert ingress(dp, pkt) == (TC_ACT_OK, pkt)
 
 
-def test_service_without_backends_drops(dp: EbpfDatapath) -> None:
+def assert_port_unreachable(pkt: bytes, ret: int, out: bytes, vip: str) -> None:
+    """``out`` is an ICMP port unreachable from ``vip`` quoting ``pkt``, sent back."""
+    assert ret == TC_ACT_REDIRECT
+    assert out[:6] == pkt[6:12] and out[6:12] == pkt[:6]  # MACs swapped
+    ip = parse(out, with_l4=False)
+    assert (ip.src, ip.dst, ip.proto, ip.ip_csum_ok) == (vip, CLIENT, socket.IPPROTO_ICMP, True)
+    icmp = out[14 + 20:]
+    assert icmp[:2] == b"\x03\x03" and csum(icmp) == 0  # type 3 code 3, valid checksum
+    assert icmp[8:] == pkt[14:14 + 28]  # the offending IPv4 header + 8 bytes
+
+
+@pytest.mark.parametrize("dport,proto", [(81, TCP), (80, UDP)])
+def test_undefined_port_of_a_cluster_ip_is_rejected(dp: EbpfDatapath, dport: int,
+                                                    proto: int) -> None:
+    pkt = frame(CLIENT, "10.96.0.20", 40009, dport, proto)
+    assert_port_unreachable(pkt, *ingress(dp, pkt), "10.96.0.20")
+
+
+def test_service_without_endpoints_is_rejected_with_icmp(dp: EbpfDatapath) -> None:
+    before = dp.stats()["reject"]
+    pkt = frame(CLIENT, "10.96.0.30", 40010, 80, TCP)
+    assert_port_unreachable(pkt, *ingress(dp, pkt), "10.96.0.30")
+    assert dp.stats()["reject"] == before + 1
+
+
+def test_local_policy_without_local_endpoints_drops(dp: EbpfDatapath) -> None:
     before = dp.stats()["drop_no_backend"]
-    ret, _ = ingress(dp, frame(CLIENT, "10.96.0.30", 40010, 80, TCP))
+    ret, _ = ingress(dp, frame(CLIENT, "10.96.0.40", 40011, 80, TCP))
     assert ret == TC_ACT_SHOT
     assert dp.stats()["drop_no_backend"] == before + 1
 

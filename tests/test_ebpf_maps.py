@@ -12,14 +12,24 @@ from hypothesis import strategies as st
 from controller.datapaths.base import DatapathError
 from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
 from controller.datapaths.ebpf.loader import MapSizes
-from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, State
+from controller.model import (
+    Backend,
+    BackendFlag,
+    Diff,
+    Frontend,
+    FrontendKind,
+    Protocol,
+    ServiceEntry,
+    ServiceFlag,
+    State,
+)
 from tests.conftest import TEST_PIN_ROOT, new_datapath
 
 pytestmark = pytest.mark.kernel
 
 
 def make_state(spec: dict[int, list[int]]) -> State:
-    """{service index: [backend indexes]} -> State."""
+    """{service index: [backend indexes]} -> State of plain ClusterIP entries."""
     return State(ServiceEntry.make(
         Frontend(ipaddress.IPv4Address(0x0A600000 + i), 80 + i % 3,
                  Protocol.UDP if i % 2 else Protocol.TCP),
@@ -27,7 +37,35 @@ def make_state(spec: dict[int, list[int]]) -> State:
         for i, bes in spec.items())
 
 
-states = st.dictionaries(st.integers(0, 12), st.lists(st.integers(0, 15), max_size=6),
+def rich_entry(i: int, bes: list[int], variant: int) -> ServiceEntry:
+    """Service i in one of several shapes: every field the datapath programs."""
+    backends = [Backend(ipaddress.IPv4Address(0x0AF40000 + b), 8080,
+                        BackendFlag.LOCAL if b % 2 else BackendFlag.NONE) for b in bes]
+    proto = Protocol.UDP if i % 2 else Protocol.TCP
+    flags = ServiceFlag.HAS_ENDPOINTS if bes else ServiceFlag.NONE
+    kw: dict[str, object] = {}
+    kind = [FrontendKind.CLUSTER_IP, FrontendKind.LOAD_BALANCER, FrontendKind.NODE_PORT,
+            FrontendKind.EXTERNAL_IP][variant % 4]
+    ip = ipaddress.IPv4Address(0 if kind == FrontendKind.NODE_PORT else 0x0A600000 + i)
+    if variant % 3 == 1:  # Local: node-local backends, cluster ones kept for the twin
+        flags |= ServiceFlag.LOCAL_POLICY
+        if kind != FrontendKind.CLUSTER_IP:
+            kw["cluster_backends"] = backends
+        backends = [b for b in backends if b.flags & BackendFlag.LOCAL]
+    if variant % 5 == 2:
+        flags |= ServiceFlag.AFFINITY
+        kw["affinity_timeout"] = 30 + i
+    if variant % 2:
+        flags |= ServiceFlag.MAGLEV
+    if kind == FrontendKind.LOAD_BALANCER and variant % 7 < 4:
+        kw["source_ranges"] = [ipaddress.ip_network(f"192.0.{n}.0/24") for n in range(variant % 3)]
+    return ServiceEntry.make(Frontend(ip, 30000 + i if kind == FrontendKind.NODE_PORT
+                                      else 80 + i % 3, proto),
+                             backends, f"ns/svc{i}", kind=kind, flags=flags, **kw)
+
+
+states = st.dictionaries(st.integers(0, 12),
+                         st.tuples(st.lists(st.integers(0, 15), max_size=6), st.integers(0, 20)),
                          max_size=8)
 
 
@@ -41,31 +79,31 @@ def shared_dp() -> EbpfDatapath:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seq=st.lists(states, min_size=1, max_size=6))
-def test_incremental_syncs_end_where_one_full_sync_ends(shared_dp: EbpfDatapath,
-                                                        seq: list[dict[int, list[int]]]) -> None:
+def test_incremental_syncs_end_where_one_full_sync_ends(
+        shared_dp: EbpfDatapath, seq: list[dict[int, tuple[list[int], int]]]) -> None:
     dp = shared_dp
     prev = State()
     dp.sync(prev, None)
     for spec in seq:
-        cur = make_state(spec)
+        cur = State(rich_entry(i, bes, v) for i, (bes, v) in spec.items())
         dp.sync(cur, Diff.between(prev, cur))
-        assert dp.dump() == cur  # read back from the kernel
+        assert dp.dump() == dp.canonical(cur.values())  # read back from the kernel
         # the metric's running slot count matches the kernel's map
         assert round(dp.map_fill()["backend_slots"] * dp.maps.slots.max_entries) == \
             dp.maps.slots.count()
         prev = cur
-    raw_incremental = {m: sorted(v for _, v in getattr(dp.maps, m).items())
-                       for m in ("services", "names")}
-    slots_incremental = dp.maps.slots.count()
-    backends_incremental = dp.maps.backends.count()
-    dp.sync(prev, None)  # a full sync of the final state changes nothing
-    assert dp.dump() == prev
-    assert dp.maps.slots.count() == slots_incremental == prev.backend_count()
-    # one backend entry per distinct (address, port, protocol)
-    assert dp.maps.backends.count() == backends_incremental == len(
-        {(b, e.frontend.protocol) for e in prev.values() for b in e.backends})
-    assert {m: sorted(v for _, v in getattr(dp.maps, m).items())
-            for m in ("services", "names")} == raw_incremental
+    owned = ("services", "names", "slots", "members", "backends", "ranges", "maglev", "vips")
+    raw_incremental = {m: sorted(getattr(dp.maps, m).items()) for m in owned}
+    r = dp.sync(prev, None)  # a full sync of the final state finds nothing to change
+    assert dp.dump() == dp.canonical(prev.values())
+    assert {m: sorted(getattr(dp.maps, m).items()) for m in owned} == raw_incremental
+    # every slot and member is a live service's; one backend per (address, port, proto)
+    want_slots = sum(len(e.backends) + len(e.cluster_backends) for e in prev.values())
+    assert dp.maps.slots.count() == want_slots
+    assert dp.maps.backends.count() == len(
+        {(b, e.frontend.protocol) for e in prev.values()
+         for b in e.backends + e.cluster_backends})
+    assert r.ops == 0
 
 
 def test_one_change_at_scale_costs_work_proportional_to_the_change(shared_dp: EbpfDatapath) -> None:
@@ -75,19 +113,20 @@ def test_one_change_at_scale_costs_work_proportional_to_the_change(shared_dp: Eb
     big = {i: [i * 4 + k for k in range(4)] for i in range(n)}
     full = make_state(big)
     r = dp.sync(full, None)
-    assert r.ops == n * (1 + 1 + 4 + 4)  # service, name, 4 slots, 4 backends each
+    # service, name, VIP marker, 4 slots, 4 members, 4 backends each
+    assert r.ops == n * (1 + 1 + 1 + 4 + 4 + 4)
     changed = dict(big)
     changed[1234] = big[1234] + [99999]  # one service gains one backend
     new = make_state(changed)
     f1234 = next(iter(make_state({1234: []})))
     r = dp.sync(new, Diff.between(full, new, only=[f1234]))
-    assert r.ops == 3  # one backend, one slot, one service count
+    assert r.ops == 4  # one backend, one slot, one member, one service count
     assert dp.dump()[f1234].backends == new[f1234].backends
     removed = dict(changed)
     del removed[7]
     gone = make_state(removed)
     r = dp.sync(gone, Diff.between(new, gone))
-    assert r.ops == 1 + 1 + 4 + 4  # service, name, 4 slots, 4 unshared backends
+    assert r.ops == 1 + 1 + 1 + 4 + 4 + 4  # service, name, marker, slots, members, backends
     dp.sync(State(), None)
 
 
@@ -102,18 +141,18 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
     # A new process on the same pins (same instance): it reads the maps back.
     dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
     dp2.load()
-    assert dp2.dump() == s1
+    assert dp2.dump() == dp2.canonical(s1.values())
     s2 = make_state({0: [1, 2], 1: [3]})  # service 2 went away while we were down
     r = dp2.sync(s2, None)
-    assert dp2.dump() == s2
+    assert dp2.dump() == dp2.canonical(s2.values())
     # untouched services keep their ids, so established flows keep their slots
-    assert {f: s.svc_id for f, s in dp2.maps._svc.items()} == {
-        f: i for f, i in ids1.items() if f in s2}
+    assert {k: s.svc_id for k, s in dp2.maps._svc.items()} == {
+        k: i for k, i in ids1.items() if k[0] in s2}
     assert all(be_ids1[k] == v for k, v in dp2.maps._be_ids.items())
-    # svc 1 (UDP): slot 0 rewritten, count lowered, slot 1 deleted, backend 2/UDP deleted
-    # (backends are per protocol: svc 0 keeps 2/TCP); svc 2: service, name, slot, and
-    # backend 4/TCP deleted.
-    assert r.ops == 3 + 1 + 3 + 1
+    # svc 1 (UDP): slot 0 rewritten, count lowered, slot 1 and member 2 deleted, backend
+    # 2/UDP deleted (backends are per protocol: svc 0 keeps 2/TCP); svc 2: service,
+    # name, VIP marker, slot, member, and backend 4/TCP deleted.
+    assert r.ops == (4 + 1) + (5 + 1)
 
 
 def test_map_full_is_an_error_and_forces_a_full_sync(
@@ -129,6 +168,6 @@ def test_map_full_is_an_error_and_forces_a_full_sync(
             dp.sync(make_state({i: [1] for i in range(8)}), None)
         # what was programmed before still holds, and a full sync recovers
         dp.sync(ok, None)
-        assert dp.dump() == ok
+        assert dp.dump() == dp.canonical(ok.values())
     finally:
         cleanup(dp.cfg.pin_dir)

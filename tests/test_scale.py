@@ -26,7 +26,7 @@ def _count_in_kernel(dp: Any, vip: str, port: int) -> int | None:
     key = struct.pack("=4sHBB", socket.inet_aton(vip), socket.htons(port), 6, 0)
     for k, v in dp.maps.services.items():
         if k == key:
-            return int(struct.unpack("=IHHHHI", v)[1])
+            return int(struct.unpack("=IHHIB3x", v)[1])
     return None
 
 
@@ -47,8 +47,8 @@ def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any
         assert proxier.sync()
         assert proxier.stats.syncs == syncs + 1 and proxier.stats.full_syncs == fulls
         assert t.counters.work - work == 2  # 1 Service translated + 1 entry compared
-        # backend write + slot write + service count: 3 kernel operations
-        assert proxier.stats.last_ops == 3
+        # backend write + slot write + member write + service count: 4 kernel operations
+        assert proxier.stats.last_ops == 4
         assert _count_in_kernel(dp, "10.96.0.8", 80) == 3
 
         # One Service deleted (with its slice): its entries go, nothing else is touched.
@@ -59,8 +59,8 @@ def test_one_change_among_50000_services_costs_one_service(datapath_factory: Any
         assert proxier.sync()
         assert proxier.stats.full_syncs == fulls
         assert t.counters.work - work == 2
-        # service + name + 2 slots + 2 backends
-        assert proxier.stats.last_ops == 6
+        # service + name + ClusterIP marker + 2 slots + 2 members + 2 backends
+        assert proxier.stats.last_ops == 9
         assert _count_in_kernel(dp, "10.96.0.10", 80) is None
         assert dp.maps.services.count() == N - 1
 

@@ -17,18 +17,27 @@ network namespace; tests and simulated nodes run several on one machine.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from controller import kernel
 from controller.datapaths.base import DatapathError, Probe, SyncResult
-from controller.datapaths.ebpf import loader, tc
-from controller.datapaths.ebpf.maps import MapOpError, ServiceMaps
-from controller.model import Backend, Diff, Frontend, FrontendKind, ServiceEntry, State
+from controller.datapaths.ebpf import loader, nodenet, tc
+from controller.datapaths.ebpf.maps import (
+    Key,
+    MapOpError,
+    Record,
+    ServiceMaps,
+    canonical,
+    records,
+)
+from controller.model import Diff, Frontend, Protocol, ServiceEntry, State
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,16 @@ class EbpfConfig:
     """Map capacities."""
     netns: str | None = None
     """Named network namespace to attach in (None: the process's own)."""
+    nodeport_addresses: tuple[str, ...] = ()
+    """--nodeport-addresses: CIDRs and/or "primary"; empty: every node address."""
+    cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    """--cluster-cidr (IPv4 part): detect-local for masquerade and policy decisions."""
+    masquerade_all: bool = False
+    """masqueradeAll."""
+    masquerade_address: str = ""
+    """The node address to masquerade with; "" picks the primary address."""
+    lb_algorithm: str = "random"
+    """random or maglev, for Services without the annotation."""
 
     @property
     def pin_dir(self) -> Path:
@@ -69,6 +88,10 @@ class EbpfDatapath:
         self._lock = threading.Lock()
         self.unprogrammed: dict[Frontend, str] = {}
         """Frontends skipped, with the reason (exported as a metric)."""
+        self.node_maps: nodenet.NodeMaps | None = None
+        self.node: nodenet.NodeNet | None = None
+        """The node facts last written to the maps."""
+        self._cookie = 0
 
     # ----- protocol -------------------------------------------------------------------
 
@@ -88,10 +111,11 @@ class EbpfDatapath:
     def start(self) -> None:
         """Compile, load, adopt pinned state, attach."""
         self.load()
+        self.refresh_node()
         if self.cfg.interfaces:
             self.attacher = tc.TcAttacher(self.cfg.interfaces, self.prog_fds["ingress"],
                                           self.prog_fds["egress"], self.cfg.instance,
-                                          netns=self.cfg.netns)
+                                          netns=self.cfg.netns, on_event=self.refresh_node)
             self.attacher.start()
 
     def load(self) -> None:
@@ -104,20 +128,42 @@ class EbpfDatapath:
         for direction in ("ingress", "egress"):
             fn = self.bpf.load_func(f"kpr_{direction}", BPF.SCHED_CLS)
             self.prog_fds[direction] = fn.fd
-        self.maps = ServiceMaps(self.bpf)
+        self.maps = ServiceMaps(self.bpf, self.cfg.sizes.maglev_size)
+        self.node_maps = nodenet.NodeMaps(self.bpf)
+        if self.cfg.netns:
+            self._cookie = tc.in_netns(self.cfg.netns, nodenet.netns_cookie)
+        else:
+            self._cookie = nodenet.netns_cookie()
         log.info("eBPF programs loaded; maps pinned in %s", self.cfg.pin_dir)
 
-    def _project(self, e: ServiceEntry) -> ServiceEntry | None:
-        """What this datapath programs for an entry; None (and a recorded reason) for
-        the features it does not implement yet, rather than programming them wrong:
-        an LB IP without its source ranges would be open to the world."""
+    def refresh_node(self) -> None:
+        """Read the node's addresses and write the node maps if they changed."""
+        if self.node_maps is None:
+            return
+        try:
+            with tc.open_ipr(self.cfg.netns) as ipr:
+                net = nodenet.discover(ipr, self.cfg.nodeport_addresses, self.cfg.cluster_cidrs,
+                                       self.cfg.masquerade_all, self.cfg.masquerade_address,
+                                       self._cookie)
+            with self._lock:
+                self.node_maps.write(net)
+        except (MapOpError, OSError) as e:
+            log.warning("eBPF datapath: updating node addresses failed: %s", e)
+            return
+        if net != self.node:
+            log.info("node addresses %s; NodePorts on %s; masquerading as %s",
+                     ",".join(map(str, net.addresses)) or "-",
+                     ",".join(map(str, net.nodeport)) or "-", net.snat or "- (off)")
+            self.node = net
+
+    def _records(self, e: ServiceEntry) -> list[Record] | None:
+        """The map records of an entry; None (and a recorded reason) for what this
+        datapath cannot program yet, rather than programming it wrong."""
         reason = ""
         if e.frontend.ip.version != 4:
             reason = "ipv6"
-        elif e.kind == FrontendKind.NODE_PORT:
-            reason = "node-port"
-        elif e.source_ranges:
-            reason = "source-ranges"
+        elif e.frontend.protocol == Protocol.SCTP:
+            reason = "sctp"
         if reason:
             if self.unprogrammed.get(e.frontend) != reason:
                 log.warning("eBPF datapath: %s (%s) not programmed: %s is not implemented "
@@ -125,28 +171,37 @@ class EbpfDatapath:
             self.unprogrammed[e.frontend] = reason
             return None
         self.unprogrammed.pop(e.frontend, None)
-        return ServiceEntry.make(e.frontend, [Backend(b.ip, b.port) for b in e.backends],
-                                 e.name)
+        return records(e, self.cfg.lb_algorithm == "maglev")
+
+    def canonical(self, state: Iterable[ServiceEntry]) -> State:
+        """The State ``dump()`` returns once ``state`` is programmed."""
+        return State(canonical(e, self.cfg.lb_algorithm == "maglev") for e in state
+                     if e.frontend.ip.version == 4 and e.frontend.protocol != Protocol.SCTP)
 
     def sync(self, state: State, diff: Diff | None) -> SyncResult:
         assert self.maps is not None, "start() first"
+        if diff is None:
+            self.refresh_node()
         with self._lock:
             try:
                 if diff is None:
                     self.unprogrammed = {}
-                    entries = [p for p in map(self._project, state.values()) if p]
-                    ops = self.maps.full_sync(State(entries))
+                    recs: list[Record] = []
+                    for e in state.values():
+                        recs += self._records(e) or []
+                    ops = self.maps.full_sync(recs)
                 else:
-                    upserted: list[ServiceEntry] = []
-                    removed = list(diff.removed)
+                    upserted: list[Record] = []
+                    removed: list[Key] = []
                     for f in diff.removed:
                         self.unprogrammed.pop(f, None)
+                        removed += [(f, sc) for sc in self.maps.scopes(f)]
                     for e in diff.upserted:
-                        p = self._project(e)
-                        if p is None:
-                            removed.append(e.frontend)
-                        else:
-                            upserted.append(p)
+                        rs = self._records(e) or []
+                        upserted += rs
+                        keep = {r.scope for r in rs}
+                        removed += [(e.frontend, sc) for sc in self.maps.scopes(e.frontend)
+                                    if sc not in keep]
                     ops = self.maps.incremental_sync(upserted, removed)
             except (MapOpError, OSError, ValueError) as e:
                 raise DatapathError(str(e)) from e

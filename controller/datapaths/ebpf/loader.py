@@ -45,11 +45,21 @@ class MapSizes:
     """Tracked flows (ct4 and revnat4 each; LRU)."""
     frag: int = 8192
     """Fragmented datagrams in flight (LRU)."""
+    affinity: int = 65536
+    """(service, client) pairs remembered for sessionAffinity ClientIP (LRU)."""
+    maglev: int = 1024
+    """Services using Maglev (one lookup table each)."""
+    maglev_size: int = 16381
+    """Entries of each Maglev table (a prime)."""
+    source_ranges: int = 16384
+    """loadBalancerSourceRanges entries over all services."""
 
     def defines(self) -> list[str]:
         return [f"-DKPR_MAX_SERVICES={self.services}", f"-DKPR_MAX_SLOTS={self.slots}",
                 f"-DKPR_MAX_BACKENDS={self.backends}", f"-DKPR_MAX_CT={self.conntrack}",
-                f"-DKPR_MAX_FRAG={self.frag}"]
+                f"-DKPR_MAX_FRAG={self.frag}", f"-DKPR_MAX_AFFINITY={self.affinity}",
+                f"-DKPR_MAX_MAGLEV={self.maglev}", f"-DKPR_MAGLEV_SIZE={self.maglev_size}",
+                f"-DKPR_MAX_SRC_RANGES={self.source_ranges}"]
 
 
 def flatten(name: str = ENTRY, bpf_dir: Path = BPF_DIR) -> str:
@@ -73,6 +83,15 @@ def flatten(name: str = ENTRY, bpf_dir: Path = BPF_DIR) -> str:
     return "".join(expand(name))
 
 
+_DEFINE = re.compile(r"^#define (KPR_[A-Z0-9_]+) (0x[0-9a-fA-F]+|[0-9]+)\b", re.M)
+
+
+def consts(bpf_dir: Path = BPF_DIR) -> dict[str, int]:
+    """The integer #defines of kpr_consts.h (flags, scopes), by name without KPR_."""
+    text = (bpf_dir / "kpr_consts.h").read_text()
+    return {m.group(1)[4:]: int(m.group(2), 0) for m in _DEFINE.finditer(text)}
+
+
 def stat_names(bpf_dir: Path = BPF_DIR) -> list[str]:
     """Names of enum kpr_stat in index order, read from kpr_consts.h."""
     text = (bpf_dir / "kpr_consts.h").read_text()
@@ -82,12 +101,17 @@ def stat_names(bpf_dir: Path = BPF_DIR) -> list[str]:
     return [n.lower() for n in names if n != "MAX"]
 
 
+LAYOUT = "_v2"
+"""Pin name suffix: kpr_maps.h's layout version (KPR_PIN)."""
+
 # (pin file name, the MapSizes attribute that sets its capacity)
-_PINNED: list[tuple[str, str]] = [
-    ("services4_v1", "services"), ("backend_slots_v1", "slots"),
-    ("backends4_v1", "backends"), ("ct4_v1", "conntrack"), ("revnat4_v1", "conntrack"),
-    ("frag4_v1", "frag"), ("svc_names_v1", "services"),
-]
+_PINNED: list[tuple[str, str]] = [(name + LAYOUT, attr) for name, attr in [
+    ("services4", "services"), ("backend_slots", "slots"), ("members4", "slots"),
+    ("backends4", "backends"), ("ct4", "conntrack"), ("revnat4", "conntrack"),
+    ("snat4", "conntrack"), ("unsnat4", "conntrack"), ("frag4", "frag"),
+    ("svc_names", "services"), ("affinity4", "affinity"), ("maglev4", "maglev"),
+    ("src_ranges4", "source_ranges"), ("cluster_ips4", "services"),
+]]
 
 
 def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
@@ -99,6 +123,13 @@ def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
             log.warning("pinned map %s holds %d entries, config wants %d: recreating it",
                         path, info.max_entries, want)
             path.unlink()
+    # The Maglev table size is the value size, not the capacity.
+    path = pin_dir / f"maglev4{LAYOUT}"
+    info = kernel.pinned_map_info(path)
+    if info is not None and info.value_size != 4 * sizes.maglev_size:
+        log.warning("pinned map %s has Maglev tables of %d entries, config wants %d: "
+                    "recreating it", path, info.value_size // 4, sizes.maglev_size)
+        path.unlink()
 
 
 def sizes_from_pins(pin_dir: Path) -> MapSizes | None:
@@ -111,6 +142,8 @@ def sizes_from_pins(pin_dir: Path) -> MapSizes | None:
         info = kernel.pinned_map_info(pin_dir / fname)
         if info is not None:
             found[attr] = info.max_entries
+            if attr == "maglev":
+                found["maglev_size"] = info.value_size // 4
     if "services" not in found:
         return None
     return MapSizes(**found)

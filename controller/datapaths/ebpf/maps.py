@@ -1,19 +1,27 @@
-"""Programming the eBPF service maps: shadow, plan, ordered batch apply.
+"""Programming the eBPF service maps: records, shadow, plan, ordered batch apply.
 
-The writer keeps a shadow of what it believes the kernel holds (frontend -> service id
-and slot list; backend address -> backend id with a reference count). A sync turns
-the changed frontends into a :class:`Plan` of element writes and deletes, then
-applies it in the order that keeps every packet consistent:
+A :class:`ServiceEntry` becomes one or two :class:`Record`\\ s, one per services4
+key: the frontend itself and, for an external frontend with Local policy, its
+in-cluster twin (scope INTERNAL) holding the cluster-wide backends. ClusterIPs also
+get a VIP marker (in cluster_ips4) that makes their undefined ports REJECT.
 
-1. write new backends        (a slot never points at a missing backend)
-2. write slots               (slots [0, count) exist before count grows)
-3. write service values      (count grows last / shrinks first)
-4. delete removed services
-5. delete slots past count   (nothing reads them any more)
+The writer keeps a shadow of what it believes the kernel holds (record -> service id,
+slot list, value; backend address -> backend id with a reference count; VIP marker
+reference counts; source ranges and Maglev tables per service id). A sync turns the
+changed frontends into a :class:`Plan` of element writes and deletes, then applies
+it in the order that keeps every packet consistent:
+
+1. write new backends         (a slot never points at a missing backend)
+2. write slots, members, Maglev tables, source ranges
+                              (all in place before a service value points at them)
+3. write service values, names and VIP markers (count grows last / shrinks first)
+4. delete removed services and VIP markers
+5. delete names, ranges, tables, members and slots nobody reads any more
 6. delete unreferenced backends
 
-Each phase is one batch syscall per map (BPF_MAP_UPDATE_BATCH / DELETE_BATCH, kernel
-5.6+), built from packed bytes rather than per-element ctypes objects.
+Hash-map phases are one batch syscall per map (BPF_MAP_UPDATE_BATCH /
+DELETE_BATCH, kernel 5.6+), built from packed bytes rather than per-element ctypes
+objects; LPM tries have no batch operations (kernel 6.18) and are written per element.
 
 Ids are reused across restarts (read back from the pinned maps, as Cilium's
 reconciler does) and never recycled soon after release: they grow monotonically, so a
@@ -21,15 +29,16 @@ conntrack entry that names a deleted backend id finds nothing rather than anothe
 backend.
 
 A full sync first rebuilds the shadow from the kernel (adopting a previous process's
-state and finding drift), then plans every frontend and prunes orphaned slots,
-backends and names. On any failure the shadow is no longer trusted: the caller must
-do a full sync next.
+state and finding drift), then plans every record and prunes orphaned slots,
+members, backends, names, ranges, tables and markers. On any failure the shadow is no
+longer trusted: the caller must do a full sync next.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import errno
+import hashlib
 import ipaddress
 import os
 import socket
@@ -39,23 +48,45 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.model import Backend, Frontend, Protocol, ServiceEntry, State
+from controller.datapaths.ebpf import loader
+from controller.model import (
+    Backend,
+    Frontend,
+    FrontendKind,
+    Protocol,
+    ServiceEntry,
+    ServiceFlag,
+    State,
+)
 
 _BE = sys.byteorder  # __be32 fields are declared as host-order c_uint
+C = loader.consts()
+SCOPE_EXTERNAL, SCOPE_INTERNAL = C["SCOPE_EXTERNAL"], C["SCOPE_INTERNAL"]
+F_EXTERNAL, F_LOCAL, F_AFFINITY = C["SVC_F_EXTERNAL"], C["SVC_F_LOCAL"], C["SVC_F_AFFINITY"]
+F_SRC_RANGES, F_DROP_EMPTY, F_MAGLEV = (C["SVC_F_SRC_RANGES"], C["SVC_F_DROP_EMPTY"],
+                                        C["SVC_F_MAGLEV"])
+F_INTERNAL = C["SVC_F_INTERNAL"]
 
 _SVC_KEY = struct.Struct("=4sHBB")  # vip (network order bytes), port (be16), proto, scope
-_SVC_VAL = struct.Struct("=IHHHHI")  # svc_id, count, local_count, flags, pad, affinity
-_SLOT_KEY = struct.Struct("=II")
+_SVC_VAL = struct.Struct("=IHHIB3x")  # svc_id, count, flags, affinity, kind
+_PAIR = struct.Struct("=II")  # slot key (svc_id, slot), member key (svc_id, backend id)
 _U32 = struct.Struct("=I")
+_U8 = struct.Struct("=B")
 _BACKEND = struct.Struct("=4sHBB")  # addr, port (be16), proto, flags
+_RANGE_KEY = struct.Struct("=II4s")  # prefixlen, svc_id, addr
 _NAME_LEN = 96
+_ONE = _U8.pack(1)
 
-MAP_NAMES = ("services4", "backend_slots", "backends4", "svc_names")
-"""The maps this writer owns (conntrack maps are the programs')."""
+Key = tuple[Frontend, int]
+"""A services4 key: frontend and scope."""
+
+MAP_NAMES = ("services4", "backend_slots", "members4", "backends4", "svc_names",
+             "src_ranges4", "maglev4", "cluster_ips4")
+"""The maps this writer owns (conntrack and affinity maps are the programs')."""
 
 
 class MapOpError(RuntimeError):
-    """A batch map operation failed (map full, ...)."""
+    """A map operation failed (map full, ...)."""
 
     def __init__(self, map_name: str, op: str, err: int, done: int, total: int) -> None:
         self.map_name = map_name
@@ -65,40 +96,135 @@ class MapOpError(RuntimeError):
                          f"elements: {reason}")
 
 
-@dataclass(slots=True)
-class _Svc:
-    svc_id: int
-    backend_ids: tuple[int, ...]
-    name: str
+# ----- records ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One services4 entry, as the programs see it."""
+
+    frontend: Frontend
+    """Address (0.0.0.0 for a NodePort, the ClusterIP for a VIP marker), port, protocol."""
+    scope: int
+    """KPR_SCOPE_*."""
+    backends: tuple[Backend, ...] = ()
+    """Backends for new flows, sorted, without flags."""
+    flags: int = 0
+    """KPR_SVC_F_*."""
+    kind: FrontendKind = FrontendKind.CLUSTER_IP
+    """Where the frontend comes from (stored for `kpr status` and dumps)."""
+    affinity_timeout: int = 0
+    """Seconds, with KPR_SVC_F_AFFINITY."""
+    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    """loadBalancerSourceRanges, with KPR_SVC_F_SRC_RANGES."""
+    name: str = ""
+    """namespace/name:port."""
+
+    @property
+    def key(self) -> Key:
+        return (self.frontend, self.scope)
 
 
-@dataclass(slots=True)
-class Plan:
-    """Element operations of one sync, by phase."""
+def records(e: ServiceEntry, maglev_default: bool = False) -> list[Record]:
+    """The services4 records of one entry (an IPv4 TCP/UDP frontend)."""
+    external = e.kind != FrontendKind.CLUSTER_IP
+    local = bool(e.flags & ServiceFlag.LOCAL_POLICY)
+    flags = F_EXTERNAL if external else 0
+    if e.flags & ServiceFlag.AFFINITY:
+        flags |= F_AFFINITY
+    if e.flags & ServiceFlag.MAGLEV or (maglev_default and not e.flags & ServiceFlag.RANDOM):
+        flags |= F_MAGLEV
+    ranges = tuple(n for n in e.source_ranges if isinstance(n, ipaddress.IPv4Network))
+    if ranges:
+        flags |= F_SRC_RANGES
+    common: dict[str, Any] = dict(kind=e.kind, name=e.name, source_ranges=ranges,
+                                  affinity_timeout=e.affinity_timeout
+                                  if flags & F_AFFINITY else 0)
+    bare = tuple(Backend(b.ip, b.port) for b in e.backends)
+    if not local:
+        return [Record(e.frontend, SCOPE_EXTERNAL, bare, flags, **common)]
+    # Local: no local backend while the Service has endpoints elsewhere drops
+    # (kube-proxy's "has no local endpoints" DROP); no endpoints at all rejects.
+    primary = flags | F_LOCAL | (F_DROP_EMPTY if e.flags & ServiceFlag.HAS_ENDPOINTS else 0)
+    if not external:
+        return [Record(e.frontend, SCOPE_EXTERNAL, bare, primary, **common)]
+    cluster = tuple(sorted({Backend(b.ip, b.port) for b in e.cluster_backends}))
+    return [Record(e.frontend, SCOPE_EXTERNAL, bare, primary | F_INTERNAL, **common),
+            Record(e.frontend, SCOPE_INTERNAL, cluster, flags, **common)]
 
-    backend_write: dict[int, bytes] = field(default_factory=dict)
-    slot_write: dict[tuple[int, int], int] = field(default_factory=dict)
-    svc_write: dict[Frontend, tuple[int, int]] = field(default_factory=dict)
-    name_write: dict[int, str] = field(default_factory=dict)
-    svc_delete: list[Frontend] = field(default_factory=list)
-    name_delete: list[int] = field(default_factory=list)
-    slot_delete: list[tuple[int, int]] = field(default_factory=list)
-    backend_delete: list[int] = field(default_factory=list)
 
-    def ops(self) -> int:
-        return (len(self.backend_write) + len(self.slot_write) + len(self.svc_write)
-                + len(self.name_write) + len(self.svc_delete) + len(self.name_delete)
-                + len(self.slot_delete) + len(self.backend_delete))
+def entry_of(primary: Record, twin: Record | None) -> ServiceEntry:
+    """The canonical ServiceEntry a record pair programs (inverse of ``records`` up to
+    what the datapath does not keep: backend flags, healthCheckNodePort)."""
+    f = primary.flags
+    flags = ServiceFlag.NONE
+    if f & F_LOCAL:
+        flags |= ServiceFlag.LOCAL_POLICY
+        if f & F_DROP_EMPTY:
+            flags |= ServiceFlag.HAS_ENDPOINTS
+    if f & F_AFFINITY:
+        flags |= ServiceFlag.AFFINITY
+    if f & F_MAGLEV:
+        flags |= ServiceFlag.MAGLEV
+    if not f & F_LOCAL and primary.backends:
+        flags |= ServiceFlag.HAS_ENDPOINTS
+    kw: dict[str, Any] = {}
+    if twin is not None:
+        kw["cluster_backends"] = twin.backends
+    if primary.source_ranges:
+        kw["source_ranges"] = primary.source_ranges
+    return ServiceEntry.make(primary.frontend, primary.backends, primary.name,
+                             kind=primary.kind, flags=flags,
+                             affinity_timeout=primary.affinity_timeout, **kw)
 
 
-def _ip4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    if ip.version != 4:
-        raise ValueError(f"{ip}: the eBPF datapath programs IPv4 only so far")
-    return ip.packed
+def canonical(e: ServiceEntry, maglev_default: bool = False) -> ServiceEntry:
+    """What ``dump()`` returns for an entry once programmed."""
+    recs = records(e, maglev_default)
+    return entry_of(recs[0], recs[1] if len(recs) > 1 else None)
 
 
-def pack_svc_key(f: Frontend, scope: int = 0) -> bytes:
-    return _SVC_KEY.pack(_ip4(f.ip), socket.htons(f.port), int(f.protocol), scope)
+# ----- Maglev ----------------------------------------------------------------------------
+
+def _maglev_perm(name: str, m: int) -> tuple[int, int]:
+    h = hashlib.blake2b(name.encode(), digest_size=16).digest()
+    offset = int.from_bytes(h[:8], "little") % m
+    skip = int.from_bytes(h[8:], "little") % (m - 1) + 1
+    return offset, skip
+
+
+def maglev_table(names: list[str], m: int) -> list[int]:
+    """Maglev's lookup table (Eisenbud et al., NSDI 2016, pseudocode 1): entry i holds
+    the index into ``names`` of the backend serving hash i. Every node computes the
+    same table from the same backend names ("ip:port"), whatever their order of
+    arrival; removing one of n backends moves about 1/n of the entries."""
+    n = len(names)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: names[i])
+    perms = [_maglev_perm(names[i], m) for i in order]
+    nxt = [0] * n
+    entry = [-1] * m
+    filled = 0
+    while True:
+        for j in range(n):
+            offset, skip = perms[j]
+            c = (offset + nxt[j] * skip) % m
+            while entry[c] >= 0:
+                nxt[j] += 1
+                c = (offset + nxt[j] * skip) % m
+            entry[c] = order[j]
+            nxt[j] += 1
+            filled += 1
+            if filled == m:
+                return entry
+
+
+# ----- raw map access --------------------------------------------------------------------
+
+def pack_svc_key(f: Frontend, scope: int = SCOPE_EXTERNAL) -> bytes:
+    if f.ip.version != 4:
+        raise ValueError(f"{f}: the eBPF datapath programs IPv4 only so far")
+    return _SVC_KEY.pack(f.ip.packed, socket.htons(f.port), int(f.protocol), scope)
 
 
 def unpack_svc_key(raw: bytes) -> tuple[Frontend, int]:
@@ -107,7 +233,7 @@ def unpack_svc_key(raw: bytes) -> tuple[Frontend, int]:
 
 
 def pack_backend(b: Backend, proto: Protocol) -> bytes:
-    return _BACKEND.pack(_ip4(b.ip), socket.htons(b.port), int(proto), 0)
+    return _BACKEND.pack(b.ip.packed, socket.htons(b.port), int(proto), 0)
 
 
 def unpack_backend(raw: bytes) -> tuple[Backend, Protocol]:
@@ -115,12 +241,17 @@ def unpack_backend(raw: bytes) -> tuple[Backend, Protocol]:
     return Backend(ipaddress.IPv4Address(addr), socket.ntohs(port)), Protocol(proto)
 
 
+def pack_range(sid: int, net: ipaddress.IPv4Network) -> bytes:
+    return _RANGE_KEY.pack(32 + net.prefixlen, sid, net.network_address.packed)
+
+
 class BpfMap:
-    """Batch access to one bcc table by raw bytes."""
+    """Access to one bcc table by raw bytes: batches where the map type has them,
+    element by element where it does not (LPM tries)."""
 
-    CHUNK = 16384
+    BUFFER = 1 << 22  # bytes of keys+values per batch syscall
 
-    def __init__(self, table: Any, name: str) -> None:
+    def __init__(self, table: Any, name: str, batch: bool = True) -> None:
         from bcc import libbcc  # late import: see loader
 
         self._lib = libbcc.lib
@@ -130,11 +261,20 @@ class BpfMap:
         self.key_size = ct.sizeof(table.Key)
         self.value_size = ct.sizeof(table.Leaf)
         self.max_entries: int = table.max_entries
+        self.batch = batch
+        self.chunk = max(1, min(16384, self.BUFFER // (self.key_size + self.value_size)))
 
     def update(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         items = list(items)
-        for i in range(0, len(items), self.CHUNK):
-            part = items[i:i + self.CHUNK]
+        if not self.batch:
+            for i, (k, v) in enumerate(items):
+                if self._lib.bpf_update_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                             ct.create_string_buffer(v, self.value_size),
+                                             0) != 0:
+                    raise MapOpError(self.name, "update", ct.get_errno(), i, len(items))
+            return len(items)
+        for i in range(0, len(items), self.chunk):
+            part = items[i:i + self.chunk]
             n = len(part)
             keys = ct.create_string_buffer(b"".join(k for k, _ in part), n * self.key_size)
             vals = ct.create_string_buffer(b"".join(v for _, v in part), n * self.value_size)
@@ -143,10 +283,19 @@ class BpfMap:
                 raise MapOpError(self.name, "update", ct.get_errno(), i + cnt.value, len(items))
         return len(items)
 
+    def _delete_one(self, k: bytes, done: int, total: int) -> None:
+        kb = ct.create_string_buffer(k, self.key_size)
+        if self._lib.bpf_delete_elem(self.fd, kb) != 0 and ct.get_errno() != errno.ENOENT:
+            raise MapOpError(self.name, "delete", ct.get_errno(), done, total)
+
     def delete(self, keys_in: Iterable[bytes]) -> int:
         keys_l = list(keys_in)
-        for i in range(0, len(keys_l), self.CHUNK):
-            part = keys_l[i:i + self.CHUNK]
+        if not self.batch:
+            for i, k in enumerate(keys_l):
+                self._delete_one(k, i, len(keys_l))
+            return len(keys_l)
+        for i in range(0, len(keys_l), self.chunk):
+            part = keys_l[i:i + self.chunk]
             n = len(part)
             keys = ct.create_string_buffer(b"".join(part), n * self.key_size)
             cnt = ct.c_uint32(n)
@@ -156,18 +305,32 @@ class BpfMap:
                     raise MapOpError(self.name, "delete", err, i + cnt.value, len(keys_l))
                 # A key already gone (drift): delete the rest one by one.
                 for k in part[cnt.value:]:
-                    kb = ct.create_string_buffer(k, self.key_size)
-                    if self._lib.bpf_delete_elem(self.fd, kb) != 0 and \
-                            ct.get_errno() != errno.ENOENT:
-                        raise MapOpError(self.name, "delete", ct.get_errno(), i, len(keys_l))
+                    self._delete_one(k, i, len(keys_l))
         return len(keys_l)
+
+    def keys(self) -> Iterator[bytes]:
+        """All keys, by BPF_MAP_GET_NEXT_KEY (every map type has it)."""
+        cur = ct.create_string_buffer(self.key_size)
+        nxt = ct.create_string_buffer(self.key_size)
+        first = True
+        while self._lib.bpf_get_next_key(self.fd, None if first else cur, nxt) == 0:
+            yield nxt.raw
+            ct.memmove(cur, nxt, self.key_size)
+            first = False
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value) pairs, by BPF_MAP_LOOKUP_BATCH in bounded chunks.
 
         (bcc 0.26's items_lookup_batch passes one variable as both out_batch and
         count, and allocates max_entries at once; this does neither.)"""
-        chunk = 4096
+        if not self.batch:
+            val = ct.create_string_buffer(self.value_size)
+            for k in self.keys():
+                if self._lib.bpf_lookup_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                             val) == 0:
+                    yield k, val.raw
+            return
+        chunk = min(self.chunk, 4096)
         keys = ct.create_string_buffer(chunk * self.key_size)
         vals = ct.create_string_buffer(chunk * self.value_size)
         in_batch = ct.c_uint32(0)
@@ -190,18 +353,61 @@ class BpfMap:
             first = False
 
     def count(self) -> int:
-        return sum(1 for _ in self.items())
+        return sum(1 for _ in self.keys())
+
+
+# ----- shadow and plan -------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Svc:
+    svc_id: int
+    backend_ids: tuple[int, ...]
+    value: tuple[int, int, int]  # flags, affinity timeout, kind
+    name: str
+    ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    maglev: bool = False  # a table is written for the current backend_ids
+
+
+@dataclass(slots=True)
+class Plan:
+    """Element operations of one sync, by phase."""
+
+    backend_write: dict[int, bytes] = field(default_factory=dict)
+    slot_write: dict[tuple[int, int], int] = field(default_factory=dict)
+    member_write: set[tuple[int, int]] = field(default_factory=set)
+    maglev_write: dict[int, bytes] = field(default_factory=dict)
+    range_write: set[tuple[int, ipaddress.IPv4Network]] = field(default_factory=set)
+    svc_write: dict[Key, bytes] = field(default_factory=dict)
+    name_write: dict[int, str] = field(default_factory=dict)
+    vip_write: set[ipaddress.IPv4Address] = field(default_factory=set)
+    svc_delete: list[Key] = field(default_factory=list)
+    vip_delete: set[ipaddress.IPv4Address] = field(default_factory=set)
+    name_delete: list[int] = field(default_factory=list)
+    range_delete: set[tuple[int, ipaddress.IPv4Network]] = field(default_factory=set)
+    maglev_delete: set[int] = field(default_factory=set)
+    member_delete: set[tuple[int, int]] = field(default_factory=set)
+    slot_delete: list[tuple[int, int]] = field(default_factory=list)
+    backend_delete: list[int] = field(default_factory=list)
+
+    def ops(self) -> int:
+        return sum(len(getattr(self, f)) for f in self.__dataclass_fields__)
 
 
 class ServiceMaps:
     """Shadow + planner + applier for the service maps of one pin directory."""
 
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, maglev_size: int) -> None:
         self.services = BpfMap(bpf["services4"], "services4")
         self.slots = BpfMap(bpf["backend_slots"], "backend_slots")
+        self.members = BpfMap(bpf["members4"], "members4")
         self.backends = BpfMap(bpf["backends4"], "backends4")
         self.names = BpfMap(bpf["svc_names"], "svc_names")
-        self._svc: dict[Frontend, _Svc] = {}
+        self.vips = BpfMap(bpf["cluster_ips4"], "cluster_ips4")
+        self.ranges = BpfMap(bpf["src_ranges4"], "src_ranges4", batch=False)
+        self.maglev = BpfMap(bpf["maglev4"], "maglev4")
+        self.maglev_size = maglev_size
+        self._svc: dict[Key, _Svc] = {}
+        self._vips: dict[ipaddress.IPv4Address, int] = {}  # ClusterIP -> records using it
         self._be_ids: dict[tuple[Backend, Protocol], int] = {}
         self._be_refs: dict[int, int] = {}
         self._be_key_by_id: dict[int, tuple[Backend, Protocol]] = {}
@@ -209,52 +415,79 @@ class ServiceMaps:
         self._next_be_id = 1
         self._svc_ids_used: set[int] = set()
         self._slot_total = 0  # sum of len(backend_ids): fill() in O(1) per scrape
+        self._adopted_tables: dict[int, bytes] = {}  # read back, not yet compared
 
     # ----- reading the kernel ---------------------------------------------------------
 
-    def read_kernel(self) -> tuple[dict[Frontend, _Svc], dict[int, tuple[Backend, Protocol]],
-                                   list[tuple[int, int]], list[int]]:
-        """(services, backends by id, orphan slot keys, orphan name ids) as pinned."""
-        backends = {_U32.unpack(k)[0]: unpack_backend(v) for k, v in self.backends.items()}
+    def _read(self) -> tuple[dict[Key, tuple[int, int, tuple[int, int, int]]],
+                             set[ipaddress.IPv4Address], dict[int, dict[int, int]],
+                             dict[int, tuple[Backend, Protocol]], dict[int, str],
+                             dict[int, list[ipaddress.IPv4Network]], set[tuple[int, int]],
+                             dict[int, bytes]]:
+        svcs: dict[Key, tuple[int, int, tuple[int, int, int]]] = {}
+        vips = {ipaddress.IPv4Address(k) for k in self.vips.keys()}
+        for k, v in self.services.items():
+            f, scope = unpack_svc_key(k)
+            sid, count, flags, aff, kind = _SVC_VAL.unpack(v)
+            svcs[(f, scope)] = (sid, count, (flags, aff, kind))
         slots: dict[int, dict[int, int]] = {}
         for k, v in self.slots.items():
-            sid, slot = _SLOT_KEY.unpack(k)
+            sid, slot = _PAIR.unpack(k)
             slots.setdefault(sid, {})[slot] = _U32.unpack(v)[0]
+        backends = {_U32.unpack(k)[0]: unpack_backend(v) for k, v in self.backends.items()}
         names = {_U32.unpack(k)[0]: v.split(b"\0", 1)[0].decode(errors="replace")
                  for k, v in self.names.items()}
-        svcs: dict[Frontend, _Svc] = {}
-        for k, v in self.services.items():
-            frontend, scope = unpack_svc_key(k)
-            if scope != 0:
-                continue
-            sid, count = _SVC_VAL.unpack(v)[:2]
-            own = slots.get(sid, {})
-            ids = tuple(own.get(i, 0) for i in range(count))
-            svcs[frontend] = _Svc(sid, ids, names.get(sid, ""))
-        live = {s.svc_id: len(s.backend_ids) for s in svcs.values()}
-        orphan_slots = [(sid, slot) for sid, m in slots.items() for slot in m
-                        if slot >= live.get(sid, 0)]
-        orphan_names = [sid for sid in names if sid not in live]
-        return svcs, backends, orphan_slots, orphan_names
+        ranges: dict[int, list[ipaddress.IPv4Network]] = {}
+        for k in self.ranges.keys():
+            plen, sid, addr = _RANGE_KEY.unpack(k)
+            ranges.setdefault(sid, []).append(
+                ipaddress.IPv4Network((ipaddress.IPv4Address(addr), plen - 32)))
+        members = {_PAIR.unpack(k) for k in self.members.keys()}
+        tables = {_U32.unpack(k)[0]: v for k, v in self.maglev.items()}
+        return svcs, vips, slots, backends, names, ranges, members, tables
 
     def adopt_kernel(self) -> Plan:
-        """Rebuild the shadow from the kernel; returns a plan pruning orphans."""
-        svcs, backends, orphan_slots, orphan_names = self.read_kernel()
-        self._svc = svcs
-        self._slot_total = sum(len(s.backend_ids) for s in svcs.values())
-        self._svc_ids_used = {s.svc_id for s in svcs.values()}
+        """Rebuild the shadow from the kernel; returns a plan pruning orphans. Maglev
+        tables are kept for comparison: the plan rewrites only those that differ."""
+        raw, vips, slots, backends, names, ranges, members, tables = self._read()
+        plan = Plan()
+        self._svc = {}
+        for key, (sid, count, value) in raw.items():
+            own = slots.get(sid, {})
+            ids = tuple(own.get(i, 0) for i in range(count))
+            self._svc[key] = _Svc(sid, ids, value, names.get(sid, ""),
+                                  tuple(sorted(ranges.get(sid, []))), maglev=False)
+        live = {s.svc_id: s for s in self._svc.values()}
+        self._slot_total = sum(len(s.backend_ids) for s in self._svc.values())
+        self._svc_ids_used = set(live)
         self._be_key_by_id = dict(backends)
         self._be_ids = {}
         for bid, key in sorted(backends.items()):
             self._be_ids.setdefault(key, bid)  # a duplicate id is pruned below
         self._be_refs = {bid: 0 for bid in backends}
-        for s in svcs.values():
+        for s in self._svc.values():
             for bid in s.backend_ids:
                 if bid in self._be_refs:
                     self._be_refs[bid] += 1
         self._next_svc_id = max(self._svc_ids_used, default=0) + 1
         self._next_be_id = max(backends, default=0) + 1
-        plan = Plan(slot_delete=orphan_slots, name_delete=orphan_names)
+        # prune what no live service uses; restore what a live one misses
+        plan.slot_delete = [(sid, slot) for sid, m in slots.items() for slot in m
+                            if sid not in live or slot >= len(live[sid].backend_ids)]
+        plan.name_delete = [sid for sid in names if sid not in live]
+        want_members = {(s.svc_id, b) for s in live.values() for b in s.backend_ids}
+        plan.member_delete = members - want_members
+        plan.member_write = want_members - members
+        plan.range_delete = {(sid, n) for sid, ns in ranges.items() if sid not in live
+                             for n in ns}
+        plan.maglev_delete = {sid for sid in tables if sid not in live}
+        self._adopted_tables = {sid: t for sid, t in tables.items() if sid in live}
+        self._vips = {}
+        for (f, scope), s in self._svc.items():
+            if scope == SCOPE_EXTERNAL and s.value[2] == FrontendKind.CLUSTER_IP:
+                self._vips[f.ip] = self._vips.get(f.ip, 0) + 1  # type: ignore[index]
+        plan.vip_delete = vips - set(self._vips)
+        plan.vip_write = set(self._vips) - vips
         for bid, refs in self._be_refs.items():
             if refs == 0:
                 plan.backend_delete.append(bid)
@@ -263,13 +496,18 @@ class ServiceMaps:
         return plan
 
     def dump(self) -> State:
-        """The State the kernel holds now (read from the maps, not the shadow)."""
-        svcs, backends, _, _ = self.read_kernel()
-        entries = []
-        for f, s in svcs.items():
-            bes = [backends[b][0] for b in s.backend_ids if b in backends]
-            entries.append(ServiceEntry.make(f, bes, s.name))
-        return State(entries)
+        """The State the kernel holds now (read from the maps, not the shadow), in the
+        canonical form of :func:`canonical`."""
+        raw, _vips, slots, backends, names, ranges, _m, _t = self._read()
+        recs: dict[Key, Record] = {}
+        for (f, scope), (sid, count, (flags, aff, kind)) in raw.items():
+            own = slots.get(sid, {})
+            bes = tuple(backends[own[i]][0] for i in range(count)
+                        if own.get(i) in backends)
+            recs[(f, scope)] = Record(f, scope, bes, flags, FrontendKind(kind), aff,
+                                      tuple(sorted(ranges.get(sid, []))), names.get(sid, ""))
+        return State(entry_of(r, recs.get((f, SCOPE_INTERNAL)))
+                     for (f, scope), r in recs.items() if scope == SCOPE_EXTERNAL)
 
     # ----- planning -------------------------------------------------------------------
 
@@ -302,43 +540,87 @@ class ServiceMaps:
             del self._be_ids[key]
         self._be_refs.pop(bid, None)
 
-    def plan(self, changes: Iterable[tuple[Frontend, ServiceEntry | None]],
+    def _vip_ref(self, r: Record | _Svc, key: Key, delta: int, plan: Plan) -> None:
+        kind = r.kind if isinstance(r, Record) else r.value[2]
+        if key[1] != SCOPE_EXTERNAL or kind != FrontendKind.CLUSTER_IP:
+            return
+        ip: ipaddress.IPv4Address = key[0].ip  # type: ignore[assignment]
+        n = self._vips.get(ip, 0) + delta
+        if n <= 0:
+            self._vips.pop(ip, None)
+            plan.vip_delete.add(ip)
+            plan.vip_write.discard(ip)
+        else:
+            if ip not in self._vips:
+                plan.vip_write.add(ip)
+                plan.vip_delete.discard(ip)
+            self._vips[ip] = n
+
+    def _maglev_bytes(self, ids: tuple[int, ...]) -> bytes:
+        table = maglev_table([str(self._be_key_by_id[b][0]) for b in ids], self.maglev_size)
+        return struct.pack(f"={self.maglev_size}I", *(ids[i] for i in table))
+
+    def plan(self, changes: Iterable[tuple[Key, Record | None]],
              plan: Plan | None = None) -> Plan:
         """Plan the changes and update the shadow as if they were applied."""
         plan = plan or Plan()
         unrefs: list[int] = []
-        for f, entry in changes:
-            old = self._svc.get(f)
-            if entry is None:
+        for key, rec in changes:
+            old = self._svc.get(key)
+            if rec is None:
                 if old is None:
                     continue
-                plan.svc_delete.append(f)
-                plan.name_delete.append(old.svc_id)
-                plan.slot_delete += [(old.svc_id, i) for i in range(len(old.backend_ids))]
+                sid = old.svc_id
+                plan.svc_delete.append(key)
+                plan.name_delete.append(sid)
+                plan.slot_delete += [(sid, i) for i in range(len(old.backend_ids))]
+                plan.member_delete |= {(sid, b) for b in old.backend_ids}
+                plan.range_delete |= {(sid, n) for n in old.ranges}
+                if old.maglev or old.value[0] & F_MAGLEV:
+                    plan.maglev_delete.add(sid)
                 unrefs += old.backend_ids
-                self._svc_ids_used.discard(old.svc_id)
+                self._svc_ids_used.discard(sid)
                 self._slot_total -= len(old.backend_ids)
-                del self._svc[f]
+                self._vip_ref(old, key, -1, plan)
+                del self._svc[key]
                 continue
-            ids = tuple(self._ref_backend(b, f.protocol, plan) for b in entry.backends)
+            proto = key[0].protocol
+            ids = tuple(self._ref_backend(b, proto, plan) for b in rec.backends)
+            value = (rec.flags, rec.affinity_timeout, int(rec.kind))
             if old is None:
-                svc = _Svc(self._alloc_svc_id(), ids, entry.name)
+                sid = self._alloc_svc_id()
                 old_ids: tuple[int, ...] = ()
+                old_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+                old_maglev = False
+                self._vip_ref(rec, key, +1, plan)
             else:
-                svc = _Svc(old.svc_id, ids, entry.name)
-                old_ids = old.backend_ids
+                sid = old.svc_id
+                old_ids, old_ranges, old_maglev = old.backend_ids, old.ranges, old.maglev
                 unrefs += old_ids
-            sid = svc.svc_id
+                if old.value[2] != rec.kind:  # e.g. an address moving from clusterIP to LB
+                    self._vip_ref(old, key, -1, plan)
+                    self._vip_ref(rec, key, +1, plan)
             for i, bid in enumerate(ids):
                 if i >= len(old_ids) or old_ids[i] != bid:
                     plan.slot_write[(sid, i)] = bid
             plan.slot_delete += [(sid, i) for i in range(len(ids), len(old_ids))]
-            if old is None or len(ids) != len(old_ids):
-                plan.svc_write[f] = (sid, len(ids))
-            if old is None or old.name != entry.name:
-                plan.name_write[sid] = entry.name
+            plan.member_write |= {(sid, b) for b in set(ids) - set(old_ids)}
+            plan.member_delete |= {(sid, b) for b in set(old_ids) - set(ids)}
+            plan.range_write |= {(sid, n) for n in set(rec.source_ranges) - set(old_ranges)}
+            plan.range_delete |= {(sid, n) for n in set(old_ranges) - set(rec.source_ranges)}
+            maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
+            if maglev and (not old_maglev or ids != old_ids):
+                table = self._maglev_bytes(ids)
+                if self._adopted_tables.pop(sid, None) != table:
+                    plan.maglev_write[sid] = table
+            elif old_maglev and not maglev:
+                plan.maglev_delete.add(sid)
+            if old is None or len(ids) != len(old_ids) or value != old.value:
+                plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
+            if old is None or old.name != rec.name:
+                plan.name_write[sid] = rec.name
             self._slot_total += len(ids) - len(old_ids)
-            self._svc[f] = svc
+            self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
         # Release after all references are taken, so that a backend moving between
         # services within one sync keeps its id.
         for bid in unrefs:
@@ -355,35 +637,50 @@ class ServiceMaps:
     def apply(self, plan: Plan) -> int:
         """Write the plan to the kernel in the consistent order; returns ops done."""
         self.backends.update((_U32.pack(bid), v) for bid, v in plan.backend_write.items())
-        self.slots.update((_SLOT_KEY.pack(sid, slot), _U32.pack(bid))
+        self.slots.update((_PAIR.pack(sid, slot), _U32.pack(bid))
                           for (sid, slot), bid in plan.slot_write.items())
-        self.services.update((pack_svc_key(f), _SVC_VAL.pack(sid, count, 0, 0, 0, 0))
-                             for f, (sid, count) in plan.svc_write.items())
+        self.members.update((_PAIR.pack(*m), _ONE) for m in plan.member_write)
+        self.maglev.update((_U32.pack(sid), t) for sid, t in plan.maglev_write.items())
+        self.ranges.update((pack_range(sid, n), _ONE) for sid, n in plan.range_write)
+        self.services.update((pack_svc_key(*key), v) for key, v in plan.svc_write.items())
+        self.vips.update((ip.packed, _ONE) for ip in plan.vip_write)
         self.names.update((_U32.pack(sid), name.encode()[: _NAME_LEN - 1].ljust(_NAME_LEN, b"\0"))
                           for sid, name in plan.name_write.items())
-        self.services.delete(pack_svc_key(f) for f in plan.svc_delete)
+        self.services.delete(pack_svc_key(*key) for key in plan.svc_delete)
+        self.vips.delete(ip.packed for ip in plan.vip_delete)
         self.names.delete(_U32.pack(sid) for sid in plan.name_delete)
-        self.slots.delete(_SLOT_KEY.pack(sid, slot) for sid, slot in plan.slot_delete)
+        self.ranges.delete(pack_range(sid, n) for sid, n in plan.range_delete)
+        self.maglev.delete(_U32.pack(sid) for sid in plan.maglev_delete)
+        self.members.delete(_PAIR.pack(*m) for m in plan.member_delete)
+        self.slots.delete(_PAIR.pack(sid, slot) for sid, slot in plan.slot_delete)
         self.backends.delete(_U32.pack(bid) for bid in plan.backend_delete)
         return plan.ops()
 
     # ----- entry points ---------------------------------------------------------------
 
-    def full_sync(self, state: State) -> int:
+    def full_sync(self, recs: Iterable[Record]) -> int:
         plan = self.adopt_kernel()
-        frontends = set(self._svc) | set(state)
-        self.plan(((f, state.get(f)) for f in sorted(frontends)), plan)
+        want = {r.key: r for r in recs}
+        keys = set(self._svc) | set(want)
+        self.plan(((k, want.get(k))
+                   for k in sorted(keys, key=lambda k: (k[0].sort_key(), k[1]))), plan)
+        # a table read back whose service no longer uses Maglev
+        plan.maglev_delete |= set(self._adopted_tables)
+        self._adopted_tables = {}
         return self.apply(plan)
 
-    def incremental_sync(self, upserted: Iterable[ServiceEntry],
-                         removed: Iterable[Frontend]) -> int:
-        changes: list[tuple[Frontend, ServiceEntry | None]] = [(f, None) for f in removed]
-        changes += [(e.frontend, e) for e in upserted]
+    def incremental_sync(self, upserted: Iterable[Record], removed: Iterable[Key]) -> int:
+        changes: list[tuple[Key, Record | None]] = [(k, None) for k in removed]
+        changes += [(r.key, r) for r in upserted]
         return self.apply(self.plan(changes))
 
     def programmed(self) -> int:
-        """Frontends programmed now (from the shadow)."""
-        return len(self._svc)
+        """Frontends programmed now (from the shadow; twins not counted)."""
+        return sum(1 for _, scope in self._svc if scope == SCOPE_EXTERNAL)
+
+    def scopes(self, f: Frontend) -> list[int]:
+        """The scopes programmed for a frontend (from the shadow)."""
+        return [s for s in (SCOPE_EXTERNAL, SCOPE_INTERNAL) if (f, s) in self._svc]
 
     def fill(self) -> dict[str, float]:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""

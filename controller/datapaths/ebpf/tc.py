@@ -27,19 +27,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 PRIO = 1
 HANDLE = 1
 NAME_PREFIX = "kpr/"
-RTMGRP_LINK = 1
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
 CLONE_NEWNET = 0x40000000
 
 
@@ -56,12 +59,13 @@ def matches(name: str, patterns: list[str]) -> bool:
 
 
 @contextmanager
-def _ipr(netns: str | None) -> Iterator[IPRoute]:
-    ipr = IPRoute(netns=netns) if netns else IPRoute()
+def open_ipr(netns: str | None) -> Iterator[IPRoute]:
+    """An rtnetlink socket in the named namespace (None: the process's own)."""
+    sock = IPRoute(netns=netns) if netns else IPRoute()
     try:
-        yield ipr
+        yield sock
     finally:
-        ipr.close()
+        sock.close()
 
 
 def setns_thread(netns: str) -> None:
@@ -74,6 +78,21 @@ def setns_thread(netns: str) -> None:
             raise OSError(e, f"setns({netns}): {os.strerror(e)}")
     finally:
         os.close(fd)
+
+
+def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
+    """Run ``fn(*args)`` in a fresh thread inside namespace ``ns``; return its result."""
+    fut: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            setns_thread(ns)
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+    threading.Thread(target=target, daemon=True).start()
+    return fut.result(timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +123,7 @@ def _filter_name(msg: Any) -> str:
 def list_attachments(netns: str | None = None) -> list[Attachment]:
     """Every kpr filter on every link of the namespace (read from the kernel)."""
     out = []
-    with _ipr(netns) as ipr:
+    with open_ipr(netns) as ipr:
         for link in ipr.get_links():
             ifname = link.get_attr("IFLA_IFNAME")
             for parent, direction in ((INGRESS, "ingress"), (EGRESS, "egress")):
@@ -118,7 +137,7 @@ def list_attachments(netns: str | None = None) -> list[Attachment]:
 def detach_all(netns: str | None = None, prefix: str = NAME_PREFIX) -> int:
     """Remove kpr filters (by name prefix) from every link; drop clsact left empty."""
     removed = 0
-    with _ipr(netns) as ipr:
+    with open_ipr(netns) as ipr:
         for link in ipr.get_links():
             idx = link["index"]
             has_clsact = any(q.get_attr("TCA_KIND") == "clsact"
@@ -152,13 +171,16 @@ class TcAttacher:
 
     def __init__(self, patterns: list[str], ingress_fd: int, egress_fd: int, instance: str,
                  netns: str | None = None, rescan_interval: float = 30.0,
-                 on_attach: Callable[[str], None] | None = None) -> None:
+                 on_attach: Callable[[str], None] | None = None,
+                 on_event: Callable[[], None] | None = None) -> None:
         self.patterns = patterns
         self.fds = {INGRESS: ingress_fd, EGRESS: egress_fd}
         self.instance = instance
         self.netns = netns
         self.rescan_interval = rescan_interval
         self.on_attach = on_attach or (lambda ifname: None)
+        self.on_event = on_event or (lambda: None)
+        """Called after every rescan (a link or address changed, or the timer)."""
         self.attached: dict[int, str] = {}  # ifindex -> ifname
         self.errors = 0
         self._lock = threading.Lock()
@@ -179,7 +201,7 @@ class TcAttacher:
     def rescan(self) -> list[str]:
         """Attach to matching links not attached yet; forget removed links."""
         new: list[str] = []
-        with self._lock, _ipr(self.netns) as ipr:
+        with self._lock, open_ipr(self.netns) as ipr:
             present: dict[int, str] = {}
             for link in ipr.get_links():
                 present[link["index"]] = link.get_attr("IFLA_IFNAME")
@@ -223,7 +245,7 @@ class TcAttacher:
             setns_thread(self.netns)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
-            sock.bind((0, RTMGRP_LINK))
+            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
             ready.set()
             last = time.monotonic()
             while not self._stop.is_set():
@@ -239,6 +261,7 @@ class TcAttacher:
                 if r or time.monotonic() - last >= self.rescan_interval:
                     last = time.monotonic()
                     self.rescan()
+                    self.on_event()
         except Exception:  # never let the watcher die silently
             log.exception("link watcher failed; relying on periodic rescans")
         finally:

@@ -221,7 +221,8 @@ def probe(ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
           bind: str | None = None) -> tuple[str, str] | str:
     """One request from namespace ``ns``: (backend name, client address the backend
     saw), or REJECT when refused at once (RST or ICMP unreachable; a connected UDP
-    socket reports the ICMP error), or DROP when nothing answers within ``timeout``."""
+    socket reports the ICMP error), DROP when nothing answers within ``timeout``, or
+    "ERROR <reason>" for another failure (a host or network unreachable)."""
     def go() -> tuple[str, str] | str:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         with socket.socket(socket.AF_INET, kind) as s:
@@ -236,6 +237,8 @@ def probe(ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
                 return REJECT
             except TimeoutError:
                 return DROP
+            except OSError as e:  # e.g. ENETUNREACH: the node has no route for it
+                return f"ERROR {e.strerror}"
             name, seen = data.decode().split()[:2]
             return name, seen
     return in_netns(ns, go, timeout=timeout + 30)

@@ -20,6 +20,25 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_PIN_ROOT = Path("/sys/fs/bpf/kpr-test")
 
 
+DATAPATHS = ("ebpf",)
+"""Datapaths the shared flow table runs against (issue 5 adds the classic ones)."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--datapath", action="append", default=[],
+                     help=f"datapath(s) for the flow table: {', '.join(DATAPATHS)} "
+                          "(default: all)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "datapath" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("datapath") or list(DATAPATHS)
+        unknown = [d for d in chosen if d not in DATAPATHS]
+        if unknown:
+            raise pytest.UsageError(f"--datapath {unknown[0]}: not one of {DATAPATHS}")
+        metafunc.parametrize("datapath", chosen, scope="module")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return

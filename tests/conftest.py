@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,11 @@ def testbed() -> Iterator[Testbed]:
         yield tb
 
 
-def new_datapath(interfaces: list[str] | None = None, netns: str | None = None) -> EbpfDatapath:
+def new_datapath(interfaces: list[str] | None = None, netns: str | None = None,
+                 **kw: Any) -> EbpfDatapath:
     return EbpfDatapath(EbpfConfig(interfaces=interfaces or [],
                                    instance=f"t{secrets.token_hex(4)}",
-                                   pin_root=TEST_PIN_ROOT, netns=netns))
+                                   pin_root=TEST_PIN_ROOT, netns=netns, **kw))
 
 
 @pytest.fixture
@@ -67,8 +69,8 @@ def datapath_factory() -> Iterator[object]:
     made: list[EbpfDatapath] = []
 
     def make(interfaces: list[str] | None = None, netns: str | None = None,
-             start: bool = True) -> EbpfDatapath:
-        dp = new_datapath(interfaces, netns)
+             start: bool = True, **kw: Any) -> EbpfDatapath:
+        dp = new_datapath(interfaces, netns, **kw)
         made.append(dp)
         if start:
             dp.start()

@@ -375,3 +375,25 @@ def test_proxier_full_then_partial_full_after_failure_and_periodically() -> None
     now[0] += 3600
     assert p.sync() and dp.calls[-1] == ("full", 3)         # and every full_sync_interval
     assert [full for full, _ in obs.synced_calls] == [True, False, False, True, True]
+
+
+def test_maglev_table_is_even_stable_and_order_independent() -> None:
+    from controller.datapaths.ebpf.maps import maglev_table
+
+    m = 4093
+    for n in (3, 10, 40):
+        names = [f"10.244.{i // 250}.{i % 250}:8080" for i in range(n)]
+        table = maglev_table(names, m)
+        counts = [table.count(i) for i in range(n)]
+        assert max(counts) - min(counts) <= 1 + m // 500  # shares within ~0.2% of 1/n
+        # the same backends in another order give the same placement (every node agrees)
+        rev = maglev_table(names[::-1], m)
+        assert [names[i] for i in table] == [names[::-1][i] for i in rev]
+        # removing one backend moves its own entries and at most 1/n of the others
+        gone = n // 2
+        rest = names[:gone] + names[gone + 1:]
+        after = [rest[i] for i in maglev_table(rest, m)]
+        before = [names[i] for i in table]
+        survivors = [i for i in range(m) if before[i] != names[gone]]
+        moved = sum(before[i] != after[i] for i in survivors) / len(survivors)
+        assert moved <= 1 / n

@@ -1,0 +1,183 @@
+"""Service features with real traffic through the eBPF datapath, programmed directly:
+ClientIP affinity, Maglev, masqueradeAll, and what happens to flows whose backend
+goes away (UDP moves, TCP fails fast)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from controller.datapaths.ebpf.datapath import EbpfDatapath
+from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, ServiceFlag, State
+from controller.testbed import Conn, Testbed, in_netns, probe, spread
+
+pytestmark = pytest.mark.kernel
+VIP = "10.96.0.10"
+NODE_IP = "172.16.0.1"
+
+
+def entry(tb: Testbed, names: str, proto: Protocol = Protocol.TCP, port: int = 80,
+          **kw: object) -> ServiceEntry:
+    return ServiceEntry.make(Frontend(ipaddress.ip_address(VIP), port, proto),
+                             [Backend(ipaddress.ip_address(tb.pods[n].ip), 8080) for n in names],
+                             "default/svc:p", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def node(testbed: Testbed) -> Testbed:
+    for n in "abcde":
+        testbed.add_pod(n)
+        testbed.serve(n, 8080)
+    testbed.add_pod("client")
+    testbed.add_ext()
+    return testbed
+
+
+def start(tb: Testbed, factory: Callable[..., EbpfDatapath], **kw: object) -> EbpfDatapath:
+    return factory([f"{tb.prefix}p*", f"{tb.prefix}x"], tb.node, **kw)
+
+
+def test_client_ip_affinity_holds_until_the_timeout(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    tb = node
+    dp = start(tb, datapath_factory)
+    svc = entry(tb, "abc", flags=ServiceFlag.AFFINITY, affinity_timeout=1)
+    dp.sync(State([svc]), None)
+    client = tb.pods["client"].ns
+    # New connections within the timeout (each one renews it) keep one backend.
+    first = spread(client, VIP, 80, 20)
+    assert len(first) == 1 and "<error>" not in first
+    sticky = next(iter(first))
+    time.sleep(0.6)
+    assert spread(client, VIP, 80, 5) == {sticky: 5}
+    # After the timeout the client is balanced afresh: over several expiries it
+    # lands on more than one backend (all the same: p = 3^-7).
+    chosen = set()
+    for _ in range(8):
+        time.sleep(1.15)
+        got = spread(client, VIP, 80, 3)
+        assert len(got) == 1  # and sticks again at once
+        chosen |= set(got)
+    assert len(chosen) > 1
+    # The sticky backend leaves the Service: the client moves, and sticks to the new one.
+    sticky = next(iter(spread(client, VIP, 80, 1)))
+    rest = "".join(n for n in "abc" if n != sticky)
+    smaller = entry(tb, rest, flags=ServiceFlag.AFFINITY, affinity_timeout=1)
+    dp.sync(State([smaller]), Diff.between(State([svc]), State([smaller])))
+    moved = spread(client, VIP, 80, 10)
+    assert len(moved) == 1 and sticky not in moved
+
+
+def _udp_flows(ns: str, ports: range) -> dict[int, str]:
+    """One datagram from each source port; the backend that answered each."""
+    def go() -> dict[int, str]:
+        out = {}
+        for sport in ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(2)
+                s.bind(("0.0.0.0", sport))
+                s.sendto(b"hi\n", (VIP, 53))
+                out[sport] = s.recvfrom(100)[0].decode().split()[0]
+        return out
+    return in_netns(ns, go, timeout=120)
+
+
+def test_maglev_keeps_flows_when_a_backend_goes(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    """Flows are re-balanced without conntrack (as on another node, or after the
+    flow table was lost): Maglev puts at least 1 - 1/N of the flows on surviving
+    backends back where they were."""
+    tb = node
+    dp = start(tb, datapath_factory)
+    full = entry(tb, "abcde", Protocol.UDP, 53, flags=ServiceFlag.MAGLEV)
+    dp.sync(State([full]), None)
+    client = tb.pods["client"].ns
+    ports = range(41000, 41300)
+    before = _udp_flows(client, ports)
+    assert set(before.values()) == set("abcde")
+    assert _udp_flows(client, ports) == before  # the same flows hash the same
+    less = entry(tb, "abce", Protocol.UDP, 53, flags=ServiceFlag.MAGLEV)
+    dp.sync(State([less]), Diff.between(State([full]), State([less])))
+    dp.bpf["ct4"].clear()  # forget every flow: placement is the hash's alone
+    after = _udp_flows(client, ports)
+    survivors = [p for p in ports if before[p] != "d"]
+    kept = sum(after[p] == before[p] for p in survivors) / len(survivors)
+    assert kept >= 1 - 1 / 5, f"only {kept:.1%} of surviving flows kept their backend"
+    assert "d" not in after.values()
+
+
+def test_random_reshuffles_flows_without_conntrack(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    """The control for the Maglev test: random choice keeps only ~1/N."""
+    tb = node
+    dp = start(tb, datapath_factory)
+    dp.sync(State([entry(tb, "abcde", Protocol.UDP, 53)]), None)
+    client = tb.pods["client"].ns
+    ports = range(42000, 42200)
+    before = _udp_flows(client, ports)
+    dp.bpf["ct4"].clear()
+    after = _udp_flows(client, ports)
+    assert sum(after[p] == before[p] for p in ports) / len(ports) < 0.5
+
+
+def test_masquerade_all_hides_every_client(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    tb = node
+    dp = start(tb, datapath_factory, masquerade_all=True)
+    dp.sync(State([entry(tb, "ab")]), None)
+    for _ in range(6):
+        got = probe(tb.pods["client"].ns, VIP, 80)
+        assert isinstance(got, tuple) and got[1] == NODE_IP
+
+
+def test_udp_flow_moves_when_its_backend_goes(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    tb = node
+    dp = start(tb, datapath_factory)
+    full = entry(tb, "abc", Protocol.UDP, 53)
+    dp.sync(State([full]), None)
+
+    def flow() -> list[str]:
+        # one socket = one flow (same 5-tuple) for every datagram
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.connect((VIP, 53))
+            names = []
+            for i in range(6):
+                s.send(b"hi\n")
+                names.append(s.recv(100).decode().split()[0])
+                if i == 2:
+                    gone = names[0]
+                    rest = "".join(n for n in "abc" if n != gone)
+                    less = entry(tb, rest, Protocol.UDP, 53)
+                    dp.sync(State([less]), Diff.between(State([full]), State([less])))
+            return names
+    stale = dp.stats()["ct_stale"]
+    names = in_netns(tb.pods["client"].ns, flow)
+    assert len(set(names[:3])) == 1  # one flow, one backend
+    assert names[0] not in names[3:]  # moved, with no datagram lost (recv would time out)
+    assert len(set(names[3:])) == 1  # and stays on its new backend
+    assert dp.stats()["ct_stale"] == stale + 1
+
+
+def test_tcp_connection_to_a_removed_backend_fails_fast(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    tb = node
+    dp = start(tb, datapath_factory)
+    full = entry(tb, "ab")
+    dp.sync(State([full]), None)
+    conn = Conn(tb.pods["client"].ns, VIP, 80)
+    name = conn.ask().split()[0]
+    rest = "b" if name == "a" else "a"
+    less = entry(tb, rest)
+    dp.sync(State([less]), Diff.between(State([full]), State([less])))
+    t0 = time.monotonic()
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        conn.ask()
+        conn.ask()  # the RST may arrive after the first send was accepted
+    assert time.monotonic() - t0 < 1.5  # the Conn timeout is 2 s: a reset, not a hang
+    conn.close()

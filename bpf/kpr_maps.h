@@ -73,6 +73,10 @@ BPF_TABLE_PINNED("hash", __be32, __u32, node_addrs4, KPR_MAX_NODE_ADDRS,
 /* node-wide settings (one entry) */
 BPF_TABLE_PINNED("array", __u32, struct kpr_config4, config4, 1, KPR_PIN(config4));
 
+/* (socket, backend) -> frontend, for recvmsg4/getpeername4 of host sockets */
+BPF_TABLE_PINNED("lru_hash", struct kpr_sock_key, struct kpr_revnat4, sock_revnat4, KPR_MAX_CT,
+		 KPR_PIN(sock_revnat4));
+
 /* first fragment's ports, for the later fragments of the same datagram */
 BPF_TABLE_PINNED("lru_hash", struct kpr_frag4_key, struct kpr_frag_ports, frag4,
 		 KPR_MAX_FRAG, KPR_PIN(frag4));

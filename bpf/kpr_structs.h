@@ -129,6 +129,14 @@ struct kpr_maglev {
 	__u32 backend_ids[KPR_MAGLEV_SIZE]; /* backend ids, each at about 1/n of the entries */
 };
 
+/* sock_revnat4 key: a socket that the socket programs pointed at a backend. */
+struct kpr_sock_key {
+	__u64 cookie;  /* bpf_get_socket_cookie() */
+	__be32 addr;   /* backend address, network order */
+	__be16 port;   /* backend port, network order */
+	__u16 pad;     /* explicit padding, always 0 */
+};
+
 /* frag4 key: identifies the fragments of one IPv4 datagram. */
 struct kpr_frag4_key {
 	__be32 saddr; /* source address, network order */

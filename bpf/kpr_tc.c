@@ -28,6 +28,7 @@
 #include "kpr_ct.h"
 #include "kpr_lb.h"
 #include "kpr_icmp.h"
+#include "kpr_sock.h"
 
 /* Parse the packet and recover a later fragment's ports. Returns 0 when the packet
  * is IPv4 TCP/UDP with usable ports (counted under `seen`), -1 to pass it untouched. */

@@ -40,13 +40,23 @@ def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
         ("services", ms.services), ("slots", ms.slots),
         ("backends", ms.backends), ("conntrack", ms.conntrack)) if v})
     sizes = dataclasses.replace(sizes, maglev_size=cfg.maglev_table_size)
+    from controller import kernel
+
+    cgroup = None
+    if cfg.cgroup_root == "auto":
+        cgroup = kernel.cgroup2_mount()
+        if cgroup is None:
+            log.warning("no cgroup v2 mount found: host traffic to Services is not "
+                        "balanced (set kpr.cgroupRoot)")
+    elif cfg.cgroup_root not in ("", "none"):
+        cgroup = Path(cfg.cgroup_root)
     return EbpfConfig(interfaces=list(cfg.interfaces), instance=cfg.instance,
                       pin_root=Path(cfg.bpffs_root), sizes=sizes, netns=netns,
                       nodeport_addresses=tuple(cfg.nodeport_addresses),
                       cluster_cidrs=tuple(n for n in cfg.cluster_cidrs if n.version == 4),
                       masquerade_all=cfg.masquerade_all,
                       masquerade_address=cfg.masquerade_address,
-                      lb_algorithm=cfg.lb_algorithm)
+                      lb_algorithm=cfg.lb_algorithm, cgroup=cgroup)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -57,7 +67,7 @@ def _load_config(args: argparse.Namespace) -> Any:
         "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
         "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
         "instance", "bpffs_root", "poll_interval", "lb_algorithm", "maglev_table_size",
-        "masquerade_address")}
+        "masquerade_address", "cgroup_root")}
     raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
     raw["masquerade_all"] = True if args.masquerade_all else None
     overrides = config.flag_overrides(**raw)
@@ -347,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lb-algorithm", help="random or maglev (default for Services without "
                    "the kpr.dev/lb-algorithm annotation)")
     r.add_argument("--maglev-table-size", help="entries per Maglev table (a prime)")
+    r.add_argument("--cgroup-root", help="cgroup v2 directory for the socket programs "
+                   "(auto: the cgroup v2 mount; none: host traffic not balanced)")
     r.add_argument("--masquerade-address", help="node IPv4 address masqueraded traffic "
                    "leaves with (default: the default route's source)")
     r.add_argument("--max-services", type=int, default=0)

@@ -115,6 +115,9 @@ class ProxyConfig:
     maglev_table_size: int = 16381
     """kpr.maglevTableSize / --maglev-table-size: entries per Maglev table, a prime
     at least 100 x the largest backend count for even shares."""
+    cgroup_root: str = "auto"
+    """kpr.cgroupRoot / --cgroup-root: the cgroup v2 directory the socket programs
+    attach to (host traffic to Services); "auto": the cgroup v2 mount; "none": off."""
     masquerade_address: str = ""
     """kpr.masqueradeAddress / --masquerade-address: the node address masqueraded
     traffic leaves with; "" picks the default route's source (else the first
@@ -296,6 +299,7 @@ def _ipv4(value: Any, where: str) -> str:
 
 
 _KPR: dict[str, tuple[str, Any]] = {
+    "cgroupRoot": ("cgroup_root", _str),
     "loadBalancing": ("lb_algorithm", _lb_algorithm),
     "maglevTableSize": ("maglev_table_size", _maglev_size),
     "masqueradeAddress": ("masquerade_address", _ipv4),
@@ -449,6 +453,7 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "lb_algorithm": ("--lb-algorithm", _lb_algorithm),
         "maglev_table_size": ("--maglev-table-size", _maglev_size),
         "masquerade_address": ("--masquerade-address", _ipv4),
+        "cgroup_root": ("--cgroup-root", _str),
     }
     for k, v in raw.items():
         if v is None:

@@ -138,10 +138,13 @@ def ensure_bpffs(path: Path = BPFFS) -> None:
 # ----- raw bpf() -------------------------------------------------------------------
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
@@ -171,6 +174,48 @@ class MapInfo(ct.Structure):
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
                 ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
                 ("map_flags", ct.c_uint32), ("name", ct.c_char * 16)]
+
+
+class _LinkCreateAttr(ct.Structure):
+    _fields_ = [("prog_fd", ct.c_uint32), ("target_fd", ct.c_uint32),
+                ("attach_type", ct.c_uint32), ("flags", ct.c_uint32),
+                ("pad", ct.c_uint64 * 4)]
+
+
+class _LinkUpdateAttr(ct.Structure):
+    _fields_ = [("link_fd", ct.c_uint32), ("new_prog_fd", ct.c_uint32),
+                ("flags", ct.c_uint32), ("old_prog_fd", ct.c_uint32)]
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """Pin a BPF object (map, program or link) at a bpffs path."""
+    raw = ct.create_string_buffer(os.fsencode(str(path)))
+    sys_bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ct.addressof(raw), bpf_fd=fd))
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE (kernel 5.7+ for cgroups); returns the link's fd."""
+    return sys_bpf(BPF_LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd,
+                                                    attach_type=attach_type))
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program behind a link atomically (BPF_LINK_UPDATE)."""
+    sys_bpf(BPF_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=prog_fd))
+
+
+def cgroup2_mount() -> Path | None:
+    """The first cgroup v2 mount point (/sys/fs/cgroup on unified hosts,
+    /sys/fs/cgroup/unified on hybrid ones), from /proc/self/mountinfo."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split()[4])
+    return None
 
 
 def obj_get(path: Path) -> int:

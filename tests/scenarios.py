@@ -102,7 +102,7 @@ class Flow:
     """One row: traffic from ``src`` to ``dst:port`` and what must happen to it."""
 
     src: str
-    """A pod name, or "ext" for the external client."""
+    """A pod name, "ext" for the external client, or "node" for the node itself."""
     dst: str
     """Destination address (a ClusterIP, node address, LB IP or external IP)."""
     port: int
@@ -156,4 +156,11 @@ FLOWS: list[Flow] = [
     _f("ext", "192.0.2.41", 80, "tcp", DROP, why="LB IP, eTP Local, no local endpoint"),
     _f("ext", "192.0.2.60", 80, "tcp", "a", True, why="inside loadBalancerSourceRanges"),
     _f("ext", "192.0.2.61", 80, "tcp", DROP, why="outside loadBalancerSourceRanges"),
+    # The node itself (socket programs): no masquerade needed, the kernel picks the
+    # node's address on the link to the backend.
+    _f("node", "10.96.0.10", 80, "tcp", "ab", why="host to ClusterIP (connect4)"),
+    _f("node", "10.96.0.10", 53, "udp", "ab", why="host to ClusterIP over UDP"),
+    _f("node", NODE_IP, 30080, "tcp", "ab", why="host to its own NodePort"),
+    _f("node", "10.96.0.30", 80, "tcp", REJECT, why="host, no endpoints: ECONNREFUSED"),
+    _f("node", "192.0.2.40", 80, "tcp", "cr", why="host to eTP Local LB IP: all endpoints"),
 ]

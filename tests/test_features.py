@@ -181,3 +181,40 @@ def test_tcp_connection_to_a_removed_backend_fails_fast(
         conn.ask()  # the RST may arrive after the first send was accepted
     assert time.monotonic() - t0 < 1.5  # the Conn timeout is 2 s: a reset, not a hang
     conn.close()
+
+
+def test_host_sockets_see_the_frontend_as_their_peer(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    """The socket programs: unconnected UDP (sendmsg4/recvmsg4) and TCP's
+    getpeername4 show the Service address, never the backend's."""
+    from controller import kernel
+    from controller.datapaths.ebpf import sock
+
+    tb = node
+    cgroup = kernel.cgroup2_mount()
+    assert cgroup is not None
+    dp = start(tb, datapath_factory, cgroup=cgroup)
+    dp.sync(State([entry(tb, "ab", Protocol.UDP, 53), entry(tb, "ab")]), None)
+    assert sock.attached(dp.cfg.pin_dir) == [name for name, _ in sock.PROGRAMS]
+
+    def host() -> tuple[list[tuple[str, int]], tuple[str, int]]:
+        froms = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(2)
+            for _ in range(4):
+                u.sendto(b"hi\n", (VIP, 53))
+                froms.append(u.recvfrom(100)[1])
+        with socket.create_connection((VIP, 80), timeout=2) as t:
+            peer = t.getpeername()
+        return froms, peer
+    before = dp.stats()["sock_lb"]
+    froms, peer = in_netns(tb.node, host)
+    assert froms == [(VIP, 53)] * 4
+    assert peer == (VIP, 80)
+    assert dp.stats()["sock_lb"] == before + 5
+    # A socket in another namespace (a pod; same cgroup) is not the node's: the socket
+    # programs leave it alone and the tc programs balance its packets.
+    assert isinstance(probe(tb.pods["client"].ns, VIP, 80), tuple)
+    assert dp.stats()["sock_lb"] == before + 5
+    dp.cleanup()
+    assert sock.attached(dp.cfg.pin_dir) == []

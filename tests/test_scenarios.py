@@ -26,9 +26,13 @@ class Node:
     log: Path
 
     def source_ns(self, src: str) -> str:
+        if src == "node":
+            return self.tb.node
         return self.tb.ext_ns if src == "ext" else self.tb.pods[src].ns  # type: ignore[return-value]
 
     def source_ip(self, src: str) -> str:
+        if src == "node":
+            return scenarios.POD_LINK_IP  # the node's address on the pods' links
         return scenarios.EXT_IP if src == "ext" else self.tb.pods[src].ip
 
 

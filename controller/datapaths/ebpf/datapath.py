@@ -28,7 +28,7 @@ from typing import Any
 
 from controller import kernel
 from controller.datapaths.base import DatapathError, Probe, SyncResult
-from controller.datapaths.ebpf import loader, nodenet, tc
+from controller.datapaths.ebpf import loader, nodenet, sock, tc
 from controller.datapaths.ebpf.maps import (
     Key,
     MapOpError,
@@ -68,6 +68,8 @@ class EbpfConfig:
     """The node address to masquerade with; "" picks the primary address."""
     lb_algorithm: str = "random"
     """random or maglev, for Services without the annotation."""
+    cgroup: Path | None = None
+    """cgroup v2 directory for the socket programs (host traffic); None: not attached."""
 
     @property
     def pin_dir(self) -> Path:
@@ -117,6 +119,12 @@ class EbpfDatapath:
                                           self.prog_fds["egress"], self.cfg.instance,
                                           netns=self.cfg.netns, on_event=self.refresh_node)
             self.attacher.start()
+        if self.cfg.cgroup is not None:
+            try:
+                sock.attach(self.cfg.pin_dir, self.cfg.cgroup, self.prog_fds)
+            except OSError as e:
+                raise DatapathError(f"attaching socket programs to cgroup {self.cfg.cgroup}: "
+                                    f"{e}") from e
 
     def load(self) -> None:
         """Compile and load the programs and maps, without attaching."""
@@ -128,6 +136,10 @@ class EbpfDatapath:
         for direction in ("ingress", "egress"):
             fn = self.bpf.load_func(f"kpr_{direction}", BPF.SCHED_CLS)
             self.prog_fds[direction] = fn.fd
+        for name, attach_type in sock.PROGRAMS:
+            fn = self.bpf.load_func(f"kpr_sock_{name}", BPF.CGROUP_SOCK_ADDR,
+                                    attach_type=attach_type)
+            self.prog_fds[name] = fn.fd
         self.maps = ServiceMaps(self.bpf, self.cfg.sizes.maglev_size)
         self.node_maps = nodenet.NodeMaps(self.bpf)
         if self.cfg.netns:

@@ -11,6 +11,9 @@
  *   - a reply from a backend gets its source restored to the frontend.
  *
  * Both return TC_ACT_OK for everything that is not theirs, untouched.
+ *
+ * This file is also the compilation unit of the socket programs (kpr_sock.h), so
+ * that every program shares one set of maps.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>

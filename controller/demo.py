@@ -24,6 +24,7 @@ from controller.testbed import (
     Testbed,
     in_netns,
     kpr_argv,
+    probe,
     service_obj,
     slice_obj,
     spread,
@@ -31,6 +32,8 @@ from controller.testbed import (
 )
 
 VIP = "10.96.0.10"
+NODE_IP = "172.16.0.1"
+EXT_IP = "172.16.0.2"
 PORTS = [("http", 80, "TCP"), ("dns", 53, "UDP")]
 TARGET = [("http", 8080, "TCP"), ("dns", 8080, "UDP")]
 
@@ -99,22 +102,30 @@ def run_demo(requests: int = 60) -> int:
                 tb.add_pod(n)
                 tb.serve(n, 8080)
             client = tb.add_pod("client")
-            print(f"node namespace {tb.node}; backends "
+            ext = tb.add_ext()
+            print(f"node namespace {tb.node} (external link {NODE_IP}); backends "
                   + ", ".join(f"{n} {tb.pods[n].ip}" for n in names)
-                  + f"; client {client.ip}")
+                  + f"; client pod {client.ip}; external client {EXT_IP}")
             ips = [tb.pods[n].ip for n in names]
             in_netns(tb.node, api.start)
             with open(kubeconfig, "w") as f:
                 yaml.safe_dump(api.kubeconfig(), f)
             api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
-            api.apply(service_obj("web", VIP, PORTS))
+            svc = service_obj("web", VIP, PORTS, type="NodePort")
+            for p in svc["spec"]["ports"]:
+                p["nodePort"] = 30000 + p["port"]
+            api.apply(svc)
             api.apply(_stamped(slice_obj("web", ips, TARGET)))
             print(f"API server {api.url} (in the node namespace); Service default/web: "
-                  f"ClusterIP {VIP}, 80/TCP and 53/UDP -> 8080\n")
+                  f"NodePort, ClusterIP {VIP}, 80/TCP (node port 30080) and 53/UDP "
+                  f"(30053) -> 8080\n")
             log = open(os.path.join(workdir, "kpr.log"), "w")
             proc = subprocess.Popen(
                 kpr_argv(tb.node, "run", "--source", "kube", "--kubeconfig", kubeconfig,
-                         "--hostname-override", "node-1", "--interfaces", f"{tb.prefix}p*",
+                         "--hostname-override", "node-1",
+                         "--interfaces", f"{tb.prefix}p*,{tb.prefix}x",
+                         "--cluster-cidr", "10.244.0.0/24", "--nodeport-addresses",
+                         "172.16.0.0/24",
                          "--instance", instance, "--min-sync-period", "50ms"),
                 stdout=log, stderr=subprocess.STDOUT, text=True)
             _wait_backends(tb, instance, 3)
@@ -127,7 +138,14 @@ def run_demo(requests: int = 60) -> int:
             _bar(spread(client.ns, VIP, 53, requests, "udp"), requests)
             answer, src = udp_request(client.ns, VIP, 53)
             print(f"    (a UDP reply comes back from {src}; the backend saw the client as "
-                  f"{answer.split()[1]})\n")
+                  f"{answer.split()[1]})")
+            print(f"{requests} TCP connections from the external client to the node port "
+                  f"{NODE_IP}:30080:")
+            _bar(spread(ext, NODE_IP, 30080, requests), requests)
+            seen = probe(ext, NODE_IP, 30080)
+            print(f"    (masqueraded: the backend saw the client as {seen[1]})")
+            seen = probe(tb.node, VIP, 80)
+            print(f"from the node itself (socket programs): {VIP}:80 answered by {seen[0]}\n")
 
             print("removing pod-b from the EndpointSlice (an update on the API server) ...")
             api.apply(_stamped(slice_obj("web", [ips[0], ips[2]], TARGET)))

@@ -43,7 +43,6 @@ import ipaddress
 import os
 import socket
 import struct
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +58,6 @@ from controller.model import (
     State,
 )
 
-_BE = sys.byteorder  # __be32 fields are declared as host-order c_uint
 C = loader.consts()
 SCOPE_EXTERNAL, SCOPE_INTERNAL = C["SCOPE_EXTERNAL"], C["SCOPE_INTERNAL"]
 F_EXTERNAL, F_LOCAL, F_AFFINITY = C["SVC_F_EXTERNAL"], C["SVC_F_LOCAL"], C["SVC_F_AFFINITY"]

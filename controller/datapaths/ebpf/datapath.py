@@ -76,6 +76,15 @@ class EbpfConfig:
         return self.pin_root / self.instance
 
 
+def _unsupported(e: ServiceEntry) -> str:
+    """Why this datapath cannot program an entry yet ("" when it can)."""
+    if e.frontend.ip.version != 4:
+        return "ipv6"
+    if e.frontend.protocol == Protocol.SCTP:
+        return "sctp"
+    return ""
+
+
 class EbpfDatapath:
     """tc programs + pinned maps."""
 
@@ -171,11 +180,7 @@ class EbpfDatapath:
     def _records(self, e: ServiceEntry) -> list[Record] | None:
         """The map records of an entry; None (and a recorded reason) for what this
         datapath cannot program yet, rather than programming it wrong."""
-        reason = ""
-        if e.frontend.ip.version != 4:
-            reason = "ipv6"
-        elif e.frontend.protocol == Protocol.SCTP:
-            reason = "sctp"
+        reason = _unsupported(e)
         if reason:
             if self.unprogrammed.get(e.frontend) != reason:
                 log.warning("eBPF datapath: %s (%s) not programmed: %s is not implemented "
@@ -188,7 +193,7 @@ class EbpfDatapath:
     def canonical(self, state: Iterable[ServiceEntry]) -> State:
         """The State ``dump()`` returns once ``state`` is programmed."""
         return State(canonical(e, self.cfg.lb_algorithm == "maglev") for e in state
-                     if e.frontend.ip.version == 4 and e.frontend.protocol != Protocol.SCTP)
+                     if not _unsupported(e))
 
     def sync(self, state: State, diff: Diff | None) -> SyncResult:
         assert self.maps is not None, "start() first"

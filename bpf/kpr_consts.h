@@ -70,7 +70,7 @@
 /* struct kpr_ct_value.flags */
 #define KPR_CT_F_CLOSING 0x1 /* a FIN or RST was seen from the client */
 
-/* struct kpr_svc4_key.scope */
+/* struct kpr_svc_key.scope */
 #define KPR_SCOPE_EXTERNAL 0 /* the entry clients use */
 #define KPR_SCOPE_INTERNAL 1 /* external Local frontend: cluster backends for in-cluster clients */
 
@@ -78,19 +78,20 @@
 #define KPR_SVC_F_EXTERNAL 0x1    /* NodePort, LoadBalancer IP or externalIP */
 #define KPR_SVC_F_LOCAL 0x2       /* traffic policy Local: node-local backends only */
 #define KPR_SVC_F_AFFINITY 0x4    /* sessionAffinity ClientIP */
-#define KPR_SVC_F_SRC_RANGES 0x8  /* loadBalancerSourceRanges: check src_ranges4 */
+#define KPR_SVC_F_SRC_RANGES 0x8  /* loadBalancerSourceRanges: check src_ranges */
 #define KPR_SVC_F_DROP_EMPTY 0x10 /* no backend: drop (Local, endpoints elsewhere), not reject */
-#define KPR_SVC_F_MAGLEV 0x20     /* Maglev: the flow hash picks from maglev4 */
+#define KPR_SVC_F_MAGLEV 0x20     /* Maglev: the flow hash picks from maglev */
 #define KPR_SVC_F_INTERNAL 0x40   /* has a KPR_SCOPE_INTERNAL twin for in-cluster clients */
 
-/* struct kpr_config4.flags */
+/* struct kpr_config.flags */
 #define KPR_CFG_F_MASQ_ALL 0x1     /* masqueradeAll */
-#define KPR_CFG_F_DETECT_LOCAL 0x2 /* local_cidrs4 holds the cluster CIDRs */
+#define KPR_CFG_F_DETECT_LOCAL 0x2  /* local_cidrs holds IPv4 cluster CIDRs */
+#define KPR_CFG_F_DETECT_LOCAL6 0x4 /* local_cidrs holds IPv6 cluster CIDRs */
 
-/* node_addrs4 value bits */
+/* node_addrs value bits */
 #define KPR_ADDR_F_NODEPORT 0x1 /* NodePorts answer on this address */
 
-/* struct kpr_pkt4.frag */
+/* struct kpr_pkt.frag */
 #define KPR_FRAG_NONE 0  /* not fragmented */
 #define KPR_FRAG_FIRST 1 /* offset 0, more-fragments set: carries the L4 header */
 #define KPR_FRAG_LATER 2 /* offset > 0: no L4 header, ports come from the frag map */
@@ -103,8 +104,8 @@
 
 /* Per-CPU counters in the `stats` map. Append only (see file comment). */
 enum kpr_stat {
-	KPR_STAT_INGRESS_PKTS = 0,  /* IPv4 TCP/UDP packets seen at ingress */
-	KPR_STAT_EGRESS_PKTS,       /* IPv4 TCP/UDP packets seen at egress */
+	KPR_STAT_INGRESS_PKTS = 0,  /* TCP/UDP packets seen at ingress */
+	KPR_STAT_EGRESS_PKTS,       /* TCP/UDP packets seen at egress */
 	KPR_STAT_DNAT,              /* packets translated to a backend */
 	KPR_STAT_REVNAT,            /* replies translated back to the service address */
 	KPR_STAT_NEW_FLOW,          /* backends chosen for a new flow */

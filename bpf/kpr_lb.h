@@ -17,6 +17,7 @@
 #define KPR_LB_H
 
 #include "kpr_consts.h"
+#include "kpr_addr.h"
 #include "kpr_maps.h"
 #include "kpr_ct.h"
 
@@ -27,8 +28,8 @@
 /* The frontend a packet is addressed to, with its key in *k. NULL when there is
  * none; then *vip_only says whether the address is a ClusterIP (its undefined ports
  * are rejected, as kube-proxy's nftables mode does). */
-static __always_inline struct kpr_svc_value *kpr_frontend4(const struct kpr_pkt4 *p,
-							   struct kpr_svc4_key *k, int *vip_only)
+static __always_inline struct kpr_svc_value *kpr_frontend(const struct kpr_pkt *p,
+							  struct kpr_svc_key *k, int *vip_only)
 {
 	struct kpr_svc_value *svc;
 	__u32 *addr_flags;
@@ -37,63 +38,66 @@ static __always_inline struct kpr_svc_value *kpr_frontend4(const struct kpr_pkt4
 	k->port = p->dport;
 	k->proto = p->proto;
 	k->scope = KPR_SCOPE_EXTERNAL;
-	svc = services4.lookup(k);
+	svc = services.lookup(k);
 	if (svc)
 		return svc;
-	addr_flags = node_addrs4.lookup((__be32 *)&p->daddr);
+	addr_flags = node_addrs.lookup((union kpr_addr *)&p->daddr);
 	if (addr_flags && (*addr_flags & KPR_ADDR_F_NODEPORT)) {
-		k->vip = 0;
-		svc = services4.lookup(k);
+		kpr_addr_unspec(&k->vip, p->family);
+		svc = services.lookup(k);
 		if (svc)
 			return svc;
 	}
-	*vip_only = cluster_ips4.lookup((__be32 *)&p->daddr) != NULL;
+	*vip_only = cluster_ips.lookup((union kpr_addr *)&p->daddr) != NULL;
 	return NULL;
 }
 
-static __always_inline int kpr_src_allowed(const struct kpr_svc_value *svc, __be32 saddr)
+static __always_inline int kpr_src_allowed(const struct kpr_svc_value *svc,
+					   const union kpr_addr *saddr)
 {
-	struct kpr_src_range4_key k = {};
+	struct kpr_src_range_key k = {};
 
-	k.prefixlen = 64;
+	k.prefixlen = 32 + 128;
 	k.svc_id = svc->svc_id;
-	k.addr = saddr;
-	return src_ranges4.lookup(&k) != NULL;
+	k.addr = *saddr;
+	return src_ranges.lookup(&k) != NULL;
 }
 
-static __always_inline int kpr_in_cluster(__be32 addr)
+static __always_inline int kpr_in_cluster(const union kpr_addr *addr)
 {
-	struct kpr_lpm4_key k = {};
+	struct kpr_lpm_key k = {};
 
-	k.prefixlen = 32;
-	k.addr = addr;
-	return local_cidrs4.lookup(&k) != NULL;
+	k.prefixlen = 128;
+	k.addr = *addr;
+	return local_cidrs.lookup(&k) != NULL;
 }
 
 /* Apply the traffic policy: may switch *svc to the frontend's in-cluster twin.
  * Returns 1 when the flow must be masqueraded (before the hairpin check). */
-static __always_inline int kpr_policy4(const struct kpr_pkt4 *p, struct kpr_svc4_key *k,
-				       struct kpr_svc_value **svc,
-				       const struct kpr_config4 *cfg)
+static __always_inline int kpr_policy(const struct kpr_pkt *p, struct kpr_svc_key *k,
+				      struct kpr_svc_value **svc, const struct kpr_config *cfg)
 {
 	struct kpr_svc_value *twin;
 	__u16 flags = (*svc)->flags;
-	int detect = cfg && (cfg->flags & KPR_CFG_F_DETECT_LOCAL);
+	/* detect-local per family, as kube-proxy's per-family proxiers: no cluster
+	 * CIDR of this family means no client of it counts as off-cluster. */
+	int detect = cfg && (cfg->flags & (p->family == 4 ? KPR_CFG_F_DETECT_LOCAL
+							 : KPR_CFG_F_DETECT_LOCAL6));
 	int masq = cfg && (cfg->flags & KPR_CFG_F_MASQ_ALL);
 
 	if (!(flags & KPR_SVC_F_EXTERNAL))
-		return masq || (detect && !kpr_in_cluster(p->saddr));
+		return masq || (detect && !kpr_in_cluster(&p->saddr));
 	if (!(flags & KPR_SVC_F_LOCAL))
 		return 1;
 	if (!(flags & KPR_SVC_F_INTERNAL))
 		return masq;
-	if (node_addrs4.lookup((__be32 *)&p->saddr)) {
+	if (node_addrs.lookup((union kpr_addr *)&p->saddr)) {
 		masq = 1; /* the node itself: its source would be the frontend's own */
-	} else if (!(detect && kpr_in_cluster(p->saddr))) {
+	} else if (!(detect && kpr_in_cluster(&p->saddr))) {
 		return masq; /* an external client: local backends, source kept */
 	}
 	k->scope = KPR_SCOPE_INTERNAL;
-	twin = services4.lookup(k);
+	twin = services.lookup(k);
 	if (twin)
 		*svc = twin;
 	return masq;
@@ -101,11 +105,11 @@ static __always_inline int kpr_policy4(const struct kpr_pkt4 *p, struct kpr_svc4
 
 /* A 32-bit hash of the flow's 5-tuple (murmur3's finaliser over a simple mix):
  * Maglev needs the same flow to hash the same on every node and every CPU. */
-static __always_inline __u32 kpr_hash4(const struct kpr_pkt4 *p)
+static __always_inline __u32 kpr_flow_hash(const struct kpr_pkt *p)
 {
-	__u32 h = p->saddr * 0x9e3779b1U;
+	__u32 h = kpr_addr_mix(&p->saddr) * 0x9e3779b1U;
 
-	h ^= p->daddr + 0x85ebca6bU + (h << 6) + (h >> 2);
+	h ^= kpr_addr_mix(&p->daddr) + 0x85ebca6bU + (h << 6) + (h >> 2);
 	h ^= (((__u32)p->sport << 16) | p->dport) + 0xc2b2ae35U + (h << 6) + (h >> 2);
 	h ^= p->proto;
 	h ^= h >> 16;
@@ -119,9 +123,9 @@ static __always_inline __u32 kpr_hash4(const struct kpr_pkt4 *p)
 /* A backend for a new flow: Maglev's table entry for the flow's hash, or a random
  * slot. A slot miss can only be a packet racing a shrink (count read before the
  * controller lowered it): fall back to slot 0, which every non-empty service has. */
-static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_pkt4 *p,
-							   const struct kpr_svc_value *svc,
-							   __u32 *backend_id)
+static __always_inline struct kpr_backend *kpr_lb_select(const struct kpr_pkt *p,
+							 const struct kpr_svc_value *svc,
+							 __u32 *backend_id)
 {
 	struct kpr_slot_key sk = {};
 	struct kpr_maglev *tbl;
@@ -132,9 +136,9 @@ static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_pkt4
 	if (svc->flags & KPR_SVC_F_MAGLEV) {
 		__u32 sid = svc->svc_id;
 
-		tbl = maglev4.lookup(&sid);
+		tbl = maglev.lookup(&sid);
 		if (tbl) {
-			__u32 idx = kpr_hash4(p) % KPR_MAGLEV_SIZE;
+			__u32 idx = kpr_flow_hash(p) % KPR_MAGLEV_SIZE;
 
 			/* clang lowers % to div/mul/sub, which the verifier cannot bound
 			 * (kernel 6.18): hide idx from the optimiser and check it again. */
@@ -142,7 +146,7 @@ static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_pkt4
 			if (idx >= KPR_MAGLEV_SIZE)
 				return NULL;
 			*backend_id = tbl->backend_ids[idx];
-			return backends4.lookup(backend_id);
+			return backends.lookup(backend_id);
 		}
 	}
 	sk.svc_id = svc->svc_id;
@@ -155,30 +159,30 @@ static __always_inline struct kpr_backend4 *kpr_lb4_select(const struct kpr_pkt4
 			return NULL;
 	}
 	*backend_id = *id;
-	return backends4.lookup(id);
+	return backends.lookup(id);
 }
 
 /* sessionAffinity ClientIP: the client's backend if it chose one within the timeout
  * and the service still has it. */
-static __always_inline struct kpr_backend4 *
-kpr_affinity4_get(const struct kpr_pkt4 *p, const struct kpr_svc_value *svc, __u64 now,
+static __always_inline struct kpr_backend *
+kpr_affinity_get(const struct kpr_pkt *p, const struct kpr_svc_value *svc, __u64 now,
 		  __u32 *backend_id)
 {
-	struct kpr_affinity4_key ak = {};
+	struct kpr_affinity_key ak = {};
 	struct kpr_member_key mk = {};
 	struct kpr_affinity_value *av;
-	struct kpr_backend4 *be;
+	struct kpr_backend *be;
 
 	ak.svc_id = svc->svc_id;
 	ak.client = p->saddr;
-	av = affinity4.lookup(&ak);
+	av = affinity.lookup(&ak);
 	if (!av || now - av->last_used > (__u64)svc->affinity_timeout * KPR_NSEC_PER_SEC)
 		return NULL;
 	mk.svc_id = svc->svc_id;
 	mk.backend_id = av->backend_id;
-	if (!members4.lookup(&mk))
+	if (!members.lookup(&mk))
 		return NULL;
-	be = backends4.lookup(&mk.backend_id);
+	be = backends.lookup(&mk.backend_id);
 	if (be) {
 		*backend_id = mk.backend_id;
 		kpr_count(KPR_STAT_AFFINITY_HIT);
@@ -186,38 +190,38 @@ kpr_affinity4_get(const struct kpr_pkt4 *p, const struct kpr_svc_value *svc, __u
 	return be;
 }
 
-static __always_inline void kpr_affinity4_put(const struct kpr_pkt4 *p,
-					      const struct kpr_svc_value *svc, __u64 now,
-					      __u32 backend_id)
+static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
+					     const struct kpr_svc_value *svc, __u64 now,
+					     __u32 backend_id)
 {
-	struct kpr_affinity4_key ak = {};
+	struct kpr_affinity_key ak = {};
 	struct kpr_affinity_value av = {};
 
 	ak.svc_id = svc->svc_id;
 	ak.client = p->saddr;
 	av.last_used = now;
 	av.backend_id = backend_id;
-	affinity4.update(&ak, &av);
+	affinity.update(&ak, &av);
 }
 
 /* Where this packet goes: the flow's own backend if it is still usable, else a new
  * choice (affinity, Maglev or random), masqueraded if `masq` or hairpin, recorded
  * in the conntrack maps. */
-static __always_inline int kpr_lb4_backend(const struct kpr_pkt4 *p,
-					   const struct kpr_svc_value *svc, int masq,
-					   const struct kpr_config4 *cfg, struct kpr_fwd4 *f)
+static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
+					  const struct kpr_svc_value *svc, int masq,
+					  const struct kpr_config *cfg, struct kpr_fwd *f)
 {
-	struct kpr_tuple4 key;
+	struct kpr_tuple key;
 	struct kpr_ct_value *ct;
 	struct kpr_ct_value fresh = {};
-	struct kpr_backend4 *be = NULL;
+	struct kpr_backend *be = NULL;
 	__u64 now = bpf_ktime_get_ns();
 	__u32 backend_id = 0;
 
-	kpr_tuple4_from_pkt(p, &key);
-	ct = ct4.lookup(&key);
+	kpr_tuple_from_pkt(p, &key);
+	ct = conntrack.lookup(&key);
 	if (ct && kpr_ct_usable(ct, p, now)) {
-		be = backends4.lookup(&ct->backend_id);
+		be = backends.lookup(&ct->backend_id);
 		if (be) {
 			kpr_count(KPR_STAT_CT_HIT);
 			f->be_addr = be->addr;
@@ -233,20 +237,22 @@ static __always_inline int kpr_lb4_backend(const struct kpr_pkt4 *p,
 	}
 
 	if (svc->flags & KPR_SVC_F_AFFINITY)
-		be = kpr_affinity4_get(p, svc, now, &backend_id);
+		be = kpr_affinity_get(p, svc, now, &backend_id);
 	if (!be)
-		be = kpr_lb4_select(p, svc, &backend_id);
+		be = kpr_lb_select(p, svc, &backend_id);
 	if (!be)
 		return KPR_LB_EMPTY;
 	f->be_addr = be->addr;
 	f->be_port = be->port;
-	f->snat_addr = 0;
+	__builtin_memset(&f->snat_addr, 0, sizeof(f->snat_addr));
 	f->snat_port = 0;
 	if (svc->flags & KPR_SVC_F_AFFINITY)
-		kpr_affinity4_put(p, svc, now, backend_id);
+		kpr_affinity_put(p, svc, now, backend_id);
 
-	if ((masq || f->be_addr == p->saddr) && cfg && cfg->snat_addr) {
-		if (kpr_snat4_port(p, f, cfg->snat_addr) < 0)
+	if ((masq || kpr_addr_eq(&f->be_addr, &p->saddr)) && cfg) {
+		const union kpr_addr *snat_addr = p->family == 4 ? &cfg->snat4 : &cfg->snat6;
+
+		if (!kpr_addr_is_zero(snat_addr) && kpr_snat_port(p, f, snat_addr) < 0)
 			return KPR_LB_NO_PORT;
 	}
 	fresh.last_seen = now;
@@ -256,7 +262,7 @@ static __always_inline int kpr_lb4_backend(const struct kpr_pkt4 *p,
 	fresh.snat_port = f->snat_port;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		fresh.flags = KPR_CT_F_CLOSING;
-	if (ct4.update(&key, &fresh) || kpr_nat4_entries(p, f))
+	if (conntrack.update(&key, &fresh) || kpr_nat_entries(p, f))
 		kpr_count(KPR_STAT_CT_FULL);
 	kpr_count(KPR_STAT_NEW_FLOW);
 	return KPR_LB_OK;

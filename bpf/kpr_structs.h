@@ -4,7 +4,14 @@
  *
  * Rules: fixed-width types, network byte order where the packet has it (the field
  * says so), explicit padding so that every byte of a key is initialised (hash keys
- * compare all bytes), no bitfields.
+ * compare all bytes), no bitfields, no 8-byte member in a key (its alignment would
+ * add implicit padding).
+ *
+ * Addresses: every map holds both families in one 16-byte union kpr_addr, an IPv4
+ * address as its IPv4-mapped IPv6 form ::ffff:a.b.c.d (RFC 4291 2.5.5.2), as Katran
+ * keys its flows. One set of maps and one code path serve both families; the family
+ * of an entry is visible in its address (a mapped address never appears in a real
+ * IPv6 header: RFC 4038 section 4.2, and the kernel drops them on input).
  *
  * A change to any struct here bumps KPR_LAYOUT in kpr_maps.h.
  */
@@ -13,18 +20,25 @@
 
 #include "kpr_consts.h"
 
-/* services4 key: one frontend of a Service. NodePorts use vip 0 (matched only for
- * packets to an address in node_addrs4). */
-struct kpr_svc4_key {
-	__be32 vip;   /* service IPv4 address, network order; 0 for a NodePort */
-	__be16 port;  /* service port, network order */
-	__u8 proto;   /* IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP */
-	__u8 scope;   /* KPR_SCOPE_* */
+/* An IPv6 address, or an IPv4 one as ::ffff:a.b.c.d (w[3] holds it). */
+union kpr_addr {
+	__u8 b[16];   /* network order bytes */
+	__be32 w[4];  /* the same as four network-order words */
 };
 
-/* services4 value. */
+/* services key: one frontend of a Service. NodePorts use the unspecified address
+ * of their family, :: or ::ffff:0.0.0.0 (matched only for packets to an address in
+ * node_addrs). */
+struct kpr_svc_key {
+	union kpr_addr vip; /* service address; unspecified for a NodePort */
+	__be16 port;        /* service port, network order */
+	__u8 proto;         /* IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP */
+	__u8 scope;         /* KPR_SCOPE_* */
+};
+
+/* services value. */
 struct kpr_svc_value {
-	__u32 svc_id;           /* controller-allocated id; keys backend_slots, maglev4 */
+	__u32 svc_id;           /* controller-allocated id; keys backend_slots, maglev */
 	__u16 count;            /* slots [0, count) hold the backends for new flows */
 	__u16 flags;            /* KPR_SVC_F_* */
 	__u32 affinity_timeout; /* ClientIP affinity, seconds (with KPR_SVC_F_AFFINITY) */
@@ -38,115 +52,114 @@ struct kpr_slot_key {
 	__u32 slot;   /* 0 .. count-1 */
 };
 
-/* backends4 value, keyed by a __u32 backend id. */
-struct kpr_backend4 {
-	__be32 addr; /* backend IPv4 address, network order */
-	__be16 port; /* backend port, network order */
-	__u8 proto;  /* IP protocol, as in the service key */
-	__u8 flags;  /* reserved: KPR_BE_F_*, always 0 so far */
+/* backends value, keyed by a __u32 backend id. Always of its frontend's family. */
+struct kpr_backend {
+	union kpr_addr addr; /* backend address */
+	__be16 port;         /* backend port, network order */
+	__u8 proto;          /* IP protocol, as in the service key */
+	__u8 flags;          /* reserved: KPR_BE_F_*, always 0 so far */
 };
 
-/* A flow's 5-tuple as seen on the wire. Keys ct4 (client -> frontend, as sent),
- * snat4 (client -> backend, after DNAT), unsnat4 (backend -> masquerade address) and
- * revnat4 (backend -> client). */
-struct kpr_tuple4 {
-	__be32 saddr; /* source address, network order */
-	__be32 daddr; /* destination address, network order */
-	__be16 sport; /* source port, network order */
-	__be16 dport; /* destination port, network order */
-	__u8 proto;   /* IP protocol */
-	__u8 pad[3];  /* explicit padding, always 0 */
+/* A flow's 5-tuple as seen on the wire. Keys conntrack (client -> frontend, as
+ * sent), snat (client -> backend, after DNAT), unsnat (backend -> masquerade
+ * address) and revnat (backend -> client). */
+struct kpr_tuple {
+	union kpr_addr saddr; /* source address */
+	union kpr_addr daddr; /* destination address */
+	__be16 sport;         /* source port, network order */
+	__be16 dport;         /* destination port, network order */
+	__u8 proto;           /* IP protocol */
+	__u8 pad[3];          /* explicit padding, always 0 */
 };
 
-/* ct4 value: the backend a flow was given, and its masquerade address if any. */
+/* conntrack value: the backend a flow was given, and its masquerade source if any. */
 struct kpr_ct_value {
-	__u64 last_seen;  /* bpf_ktime_get_ns() of the last refresh */
-	__u32 backend_id; /* key into backends4 */
-	__u32 svc_id;     /* service the flow was balanced for */
-	__be32 snat_addr; /* masquerade source address; 0: the client's own is kept */
-	__be16 snat_port; /* masquerade source port, network order */
-	__u16 flags;      /* KPR_CT_F_* */
+	__u64 last_seen;          /* bpf_ktime_get_ns() of the last refresh */
+	__u32 backend_id;         /* key into backends */
+	__u32 svc_id;             /* service the flow was balanced for */
+	union kpr_addr snat_addr; /* masquerade source address; zero: the client's is kept */
+	__be16 snat_port;         /* masquerade source port, network order */
+	__u16 flags;              /* KPR_CT_F_* */
+	__u32 pad;                /* explicit padding, always 0 */
 };
 
-/* revnat4 value (egress): the frontend to write back into a reply's source. */
-struct kpr_revnat4 {
-	__be32 vip;  /* frontend address the client used, network order */
-	__be16 port; /* frontend port the client used, network order */
-	__u16 pad;   /* explicit padding, always 0 */
+/* An address and port: revnat value (egress: the frontend to write back into a
+ * reply's source), snat value (egress: the source to give a masqueraded flow) and
+ * unsnat value (ingress: the client to give back a reply's destination). */
+struct kpr_nat_addr {
+	union kpr_addr addr; /* address */
+	__be16 port;         /* port, network order */
+	__u16 pad;           /* explicit padding, always 0 */
 };
 
-/* snat4 value (egress): the source to give a masqueraded flow's packets, and
- * unsnat4 value (ingress): the client to give back a reply's destination. */
-struct kpr_nat_addr4 {
-	__be32 addr; /* address, network order */
-	__be16 port; /* port, network order */
-	__u16 pad;   /* explicit padding, always 0 */
-};
-
-/* members4 key: backend `backend_id` is in service `svc_id` (value unused). Affinity
+/* members key: backend `backend_id` is in service `svc_id` (value unused). Affinity
  * checks membership here, so a client never sticks to a backend its service lost. */
 struct kpr_member_key {
 	__u32 svc_id;     /* kpr_svc_value.svc_id */
-	__u32 backend_id; /* key into backends4 */
+	__u32 backend_id; /* key into backends */
 };
 
-/* affinity4 key: one client of one ClientIP-affinity service. */
-struct kpr_affinity4_key {
-	__u32 svc_id;  /* kpr_svc_value.svc_id */
-	__be32 client; /* client address, network order */
+/* affinity key: one client of one ClientIP-affinity service. */
+struct kpr_affinity_key {
+	__u32 svc_id;          /* kpr_svc_value.svc_id */
+	union kpr_addr client; /* client address */
 };
 
-/* affinity4 value. */
+/* affinity value. */
 struct kpr_affinity_value {
 	__u64 last_used;  /* bpf_ktime_get_ns() when a flow last chose this backend */
-	__u32 backend_id; /* key into backends4 */
+	__u32 backend_id; /* key into backends */
 	__u32 pad;        /* explicit padding, always 0 */
 };
 
-/* local_cidrs4 key (LPM trie): the pod CIDRs of detect-local (--cluster-cidr). */
-struct kpr_lpm4_key {
-	__u32 prefixlen; /* LPM prefix length, 0-32 */
-	__be32 addr;     /* network address, network order */
+/* local_cidrs key (LPM trie): the pod CIDRs of detect-local (--cluster-cidr). An
+ * IPv4 CIDR a.b.c.d/n is ::ffff:a.b.c.d/(96+n). */
+struct kpr_lpm_key {
+	__u32 prefixlen;     /* LPM prefix length, 0-128 */
+	union kpr_addr addr; /* network address */
 };
 
-/* src_ranges4 key (LPM trie): loadBalancerSourceRanges, per service. prefixlen
+/* src_ranges key (LPM trie): loadBalancerSourceRanges, per service. prefixlen
  * counts the 32 bits of svc_id too, so a range only matches its own service. */
-struct kpr_src_range4_key {
-	__u32 prefixlen; /* 32 + the range's prefix length */
-	__u32 svc_id;    /* kpr_svc_value.svc_id; all 32 bits are in every prefix */
-	__be32 addr;     /* range network address, network order */
+struct kpr_src_range_key {
+	__u32 prefixlen;     /* 32 + the range's prefix length (mapped for IPv4) */
+	__u32 svc_id;        /* kpr_svc_value.svc_id; all 32 bits are in every prefix */
+	union kpr_addr addr; /* range network address */
 };
 
-/* config4 value (array of one): node-wide settings written by the controller. */
-struct kpr_config4 {
-	__be32 snat_addr;   /* masquerade address (a node address); 0: none known */
-	__u32 flags;        /* KPR_CFG_F_* */
-	__u64 netns_cookie; /* the node's network namespace (socket programs' scope) */
+/* node_config value (array of one): node-wide settings written by the controller. */
+struct kpr_config {
+	union kpr_addr snat4; /* IPv4 masquerade address (mapped); zero: none known */
+	union kpr_addr snat6; /* IPv6 masquerade address; zero: none known */
+	__u32 flags;          /* KPR_CFG_F_* */
+	__u32 pad;            /* explicit padding, always 0 */
+	__u64 netns_cookie;   /* the node's network namespace (socket programs' scope) */
 };
 
-/* maglev4 value: a service's Maglev lookup table; a flow's hash picks the entry. */
+/* maglev value: a service's Maglev lookup table; a flow's hash picks the entry. */
 struct kpr_maglev {
 	__u32 backend_ids[KPR_MAGLEV_SIZE]; /* backend ids, each at about 1/n of the entries */
 };
 
-/* sock_revnat4 key: a socket that the socket programs pointed at a backend. */
+/* sock_revnat key: a socket that the socket programs pointed at a backend. */
 struct kpr_sock_key {
-	__u64 cookie;  /* bpf_get_socket_cookie() */
-	__be32 addr;   /* backend address, network order */
-	__be16 port;   /* backend port, network order */
-	__u16 pad;     /* explicit padding, always 0 */
+	__u64 cookie;        /* bpf_get_socket_cookie() */
+	union kpr_addr addr; /* backend address */
+	__be16 port;         /* backend port, network order */
+	__u16 pad;           /* explicit padding, always 0 */
+	__u32 pad2;          /* explicit padding to the 8-byte alignment, always 0 */
 };
 
-/* frag4 key: identifies the fragments of one IPv4 datagram. */
-struct kpr_frag4_key {
-	__be32 saddr; /* source address, network order */
-	__be32 daddr; /* destination address as sent (pre-NAT), network order */
-	__be16 id;    /* IPv4 identification field */
-	__u8 proto;   /* IP protocol */
-	__u8 pad;     /* explicit padding, always 0 */
+/* frags key: identifies the fragments of one datagram. */
+struct kpr_frag_key {
+	union kpr_addr saddr; /* source address */
+	union kpr_addr daddr; /* destination address as sent (pre-NAT) */
+	__be32 id;            /* identification: IPv4's 16 bits, or the fragment header's 32 */
+	__u8 proto;           /* IP protocol */
+	__u8 pad[3];          /* explicit padding, always 0 */
 };
 
-/* frag4 value: the L4 ports carried by the datagram's first fragment. */
+/* frags value: the L4 ports carried by the datagram's first fragment. */
 struct kpr_frag_ports {
 	__be16 sport; /* source port, network order */
 	__be16 dport; /* destination port, network order */
@@ -157,30 +170,31 @@ struct kpr_svc_name {
 	char name[96]; /* NUL-terminated, truncated if longer */
 };
 
-/* Parsed view of one IPv4 packet (stack only, never stored in a map). */
-struct kpr_pkt4 {
-	__be32 saddr;    /* source address, network order */
-	__be32 daddr;    /* destination address, network order */
-	__be16 sport;    /* L4 source port; from frag4 for later fragments */
-	__be16 dport;    /* L4 destination port; from frag4 for later fragments */
-	__u8 proto;      /* IP protocol */
-	__u8 tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
-	__u8 frag;       /* KPR_FRAG_* */
-	__u8 ihl_len;    /* IPv4 header length in bytes (20-60) */
-	__u16 l4_off;    /* offset of the L4 header from the start of the frame */
-	__be16 ip_id;    /* IPv4 identification field */
-	__u16 l4_csum;   /* L4 checksum as found; 0 on UDP means "no checksum" */
-	__u16 pad2;      /* explicit padding */
+/* Parsed view of one packet (stack only, never stored in a map). */
+struct kpr_pkt {
+	union kpr_addr saddr; /* source address (mapped for IPv4) */
+	union kpr_addr daddr; /* destination address (mapped for IPv4) */
+	__be16 sport;         /* L4 source port; from frags for later fragments */
+	__be16 dport;         /* L4 destination port; from frags for later fragments */
+	__u8 proto;           /* IP protocol (IPv6: the last next-header) */
+	__u8 tcp_flags;       /* byte 13 of the TCP header, 0 otherwise */
+	__u8 frag;            /* KPR_FRAG_* */
+	__u8 family;          /* 4 or 6 */
+	__u16 l3_len;         /* bytes of L3 headers: IPv4 with options, IPv6 with extensions */
+	__u16 l4_off;         /* offset of the L4 header from the start of the frame */
+	__be32 frag_id;       /* identification of a fragment, 0 otherwise */
+	__u16 l4_csum;        /* L4 checksum as found; 0 on UDP/IPv4 means "no checksum" */
+	__u16 pad;            /* explicit padding */
 };
 
 /* Where a flow goes (stack only): its backend and, when masqueraded, its source. */
-struct kpr_fwd4 {
-	__be32 be_addr;   /* backend address, network order */
-	__be16 be_port;   /* backend port, network order */
-	__u16 pad;        /* explicit padding */
-	__be32 snat_addr; /* masquerade address; 0: not masqueraded */
-	__be16 snat_port; /* masquerade port, network order */
-	__u16 pad2;       /* explicit padding */
+struct kpr_fwd {
+	union kpr_addr be_addr;   /* backend address */
+	__be16 be_port;           /* backend port, network order */
+	__u16 pad;                /* explicit padding */
+	union kpr_addr snat_addr; /* masquerade address; zero: not masqueraded */
+	__be16 snat_port;         /* masquerade port, network order */
+	__u16 pad2;               /* explicit padding */
 };
 
 #endif /* KPR_STRUCTS_H */

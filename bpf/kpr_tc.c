@@ -10,7 +10,8 @@
  *   - a masqueraded flow's packet gets its masquerade source;
  *   - a reply from a backend gets its source restored to the frontend.
  *
- * Both return TC_ACT_OK for everything that is not theirs, untouched.
+ * Both handle IPv4 and IPv6 in one path (addresses are 16 bytes everywhere, see
+ * kpr_structs.h) and return TC_ACT_OK for everything that is not theirs, untouched.
  *
  * This file is also the compilation unit of the socket programs (kpr_sock.h), so
  * that every program shares one set of maps.
@@ -19,12 +20,14 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "kpr_consts.h"
 #include "kpr_structs.h"
+#include "kpr_addr.h"
 #include "kpr_maps.h"
 #include "kpr_parse.h"
 #include "kpr_nat.h"
@@ -34,17 +37,17 @@
 #include "kpr_sock.h"
 
 /* Parse the packet and recover a later fragment's ports. Returns 0 when the packet
- * is IPv4 TCP/UDP with usable ports (counted under `seen`), -1 to pass it untouched. */
-static __always_inline int kpr_load_pkt(struct __sk_buff *skb, struct kpr_pkt4 *p, __u32 seen)
+ * is TCP/UDP with usable ports (counted under `seen`), -1 to pass it untouched. */
+static __always_inline int kpr_load_pkt(struct __sk_buff *skb, struct kpr_pkt *p, __u32 seen)
 {
-	int ret = kpr_parse_ipv4(skb, p);
+	int ret = kpr_parse(skb, p);
 
 	if (ret == KPR_PARSE_TRUNC)
 		kpr_count(KPR_STAT_TRUNCATED);
 	if (ret != KPR_PARSE_OK)
 		return -1;
 	kpr_count(seen);
-	if (kpr_frag4_recover(p) < 0) {
+	if (kpr_frag_recover(p) < 0) {
 		kpr_count(KPR_STAT_FRAG_MISS);
 		return -1;
 	}
@@ -53,14 +56,14 @@ static __always_inline int kpr_load_pkt(struct __sk_buff *skb, struct kpr_pkt4 *
 
 /* Rewrite one side of the packet from a NAT map value (copied out first: the value
  * may change under us). */
-static __always_inline int kpr_apply4(struct __sk_buff *skb, struct kpr_pkt4 *p, int dnat,
-				      const struct kpr_nat_addr4 *na, __u32 stat)
+static __always_inline int kpr_apply(struct __sk_buff *skb, struct kpr_pkt *p, int dnat,
+				     const struct kpr_nat_addr *na, __u32 stat)
 {
-	__be32 addr = na->addr;
+	union kpr_addr addr = na->addr;
 	__be16 port = na->port;
 
-	kpr_frag4_remember(p);
-	if (kpr_nat4_rewrite(skb, p, dnat, addr, port) < 0) {
+	kpr_frag_remember(p);
+	if (kpr_nat_rewrite(skb, p, dnat, &addr, port) < 0) {
 		kpr_count(KPR_STAT_DROP_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
@@ -70,37 +73,37 @@ static __always_inline int kpr_apply4(struct __sk_buff *skb, struct kpr_pkt4 *p,
 
 int kpr_ingress(struct __sk_buff *skb)
 {
-	struct kpr_pkt4 p = {};
-	struct kpr_tuple4 t;
-	struct kpr_svc4_key k = {};
-	struct kpr_fwd4 f = {};
+	struct kpr_pkt p = {};
+	struct kpr_tuple t;
+	struct kpr_svc_key k = {};
+	struct kpr_fwd f = {};
 	struct kpr_svc_value *svc;
-	struct kpr_nat_addr4 *na;
-	struct kpr_config4 *cfg;
+	struct kpr_nat_addr *na;
+	struct kpr_config *cfg;
 	int vip_only = 0;
 	int masq;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_INGRESS_PKTS) < 0)
 		return TC_ACT_OK;
 
-	kpr_tuple4_from_pkt(&p, &t);
-	na = unsnat4.lookup(&t);
+	kpr_tuple_from_pkt(&p, &t);
+	na = unsnat.lookup(&t);
 	if (na)
-		return kpr_apply4(skb, &p, 1, na, KPR_STAT_UNSNAT);
+		return kpr_apply(skb, &p, 1, na, KPR_STAT_UNSNAT);
 
-	svc = kpr_frontend4(&p, &k, &vip_only);
+	svc = kpr_frontend(&p, &k, &vip_only);
 	if (!svc)
-		return vip_only ? kpr_icmp4_reject(skb, &p) : TC_ACT_OK;
-	kpr_frag4_remember(&p);
+		return vip_only ? kpr_icmp_reject(skb, &p) : TC_ACT_OK;
+	kpr_frag_remember(&p);
 
-	if ((svc->flags & KPR_SVC_F_SRC_RANGES) && !kpr_src_allowed(svc, p.saddr)) {
+	if ((svc->flags & KPR_SVC_F_SRC_RANGES) && !kpr_src_allowed(svc, &p.saddr)) {
 		kpr_count(KPR_STAT_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
 	cfg = kpr_config();
-	masq = kpr_policy4(&p, &k, &svc, cfg);
+	masq = kpr_policy(&p, &k, &svc, cfg);
 
-	switch (kpr_lb4_backend(&p, svc, masq, cfg, &f)) {
+	switch (kpr_lb_backend(&p, svc, masq, cfg, &f)) {
 	case KPR_LB_OK:
 		break;
 	case KPR_LB_EMPTY:
@@ -108,12 +111,12 @@ int kpr_ingress(struct __sk_buff *skb)
 			kpr_count(KPR_STAT_DROP_NO_BACKEND);
 			return TC_ACT_SHOT;
 		}
-		return kpr_icmp4_reject(skb, &p);
+		return kpr_icmp_reject(skb, &p);
 	default:
 		kpr_count(KPR_STAT_DROP_SNAT_PORTS);
 		return TC_ACT_SHOT;
 	}
-	if (kpr_nat4_rewrite(skb, &p, 1, f.be_addr, f.be_port) < 0) {
+	if (kpr_nat_rewrite(skb, &p, 1, &f.be_addr, f.be_port) < 0) {
 		kpr_count(KPR_STAT_DROP_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
@@ -123,24 +126,19 @@ int kpr_ingress(struct __sk_buff *skb)
 
 int kpr_egress(struct __sk_buff *skb)
 {
-	struct kpr_pkt4 p = {};
-	struct kpr_tuple4 t;
-	struct kpr_nat_addr4 *na;
-	struct kpr_revnat4 *rn;
-	struct kpr_nat_addr4 v;
+	struct kpr_pkt p = {};
+	struct kpr_tuple t;
+	struct kpr_nat_addr *na;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_EGRESS_PKTS) < 0)
 		return TC_ACT_OK;
 
-	kpr_tuple4_from_pkt(&p, &t);
-	na = snat4.lookup(&t);
+	kpr_tuple_from_pkt(&p, &t);
+	na = snat.lookup(&t);
 	if (na)
-		return kpr_apply4(skb, &p, 0, na, KPR_STAT_SNAT);
-	rn = revnat4.lookup(&t);
-	if (!rn)
+		return kpr_apply(skb, &p, 0, na, KPR_STAT_SNAT);
+	na = revnat.lookup(&t);
+	if (!na)
 		return TC_ACT_OK;
-	v.addr = rn->vip;
-	v.port = rn->port;
-	v.pad = 0;
-	return kpr_apply4(skb, &p, 0, &v, KPR_STAT_REVNAT);
+	return kpr_apply(skb, &p, 0, na, KPR_STAT_REVNAT);
 }

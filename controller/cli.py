@@ -53,7 +53,7 @@ def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
     return EbpfConfig(interfaces=list(cfg.interfaces), instance=cfg.instance,
                       pin_root=Path(cfg.bpffs_root), sizes=sizes, netns=netns,
                       nodeport_addresses=tuple(cfg.nodeport_addresses),
-                      cluster_cidrs=tuple(n for n in cfg.cluster_cidrs if n.version == 4),
+                      cluster_cidrs=tuple(cfg.cluster_cidrs),
                       masquerade_all=cfg.masquerade_all,
                       masquerade_address=cfg.masquerade_address,
                       lb_algorithm=cfg.lb_algorithm, cgroup=cgroup)
@@ -359,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--maglev-table-size", help="entries per Maglev table (a prime)")
     r.add_argument("--cgroup-root", help="cgroup v2 directory for the socket programs "
                    "(auto: the cgroup v2 mount; none: host traffic not balanced)")
-    r.add_argument("--masquerade-address", help="node IPv4 address masqueraded traffic "
-                   "leaves with (default: the default route's source)")
+    r.add_argument("--masquerade-address", help="node addresses masqueraded traffic leaves "
+                   "with, one per family, comma-separated (default: each family's default "
+                   "route source)")
     r.add_argument("--max-services", type=int, default=0)
     r.add_argument("--max-slots", type=int, default=0)
     r.add_argument("--max-backends", type=int, default=0)

@@ -119,9 +119,10 @@ class ProxyConfig:
     """kpr.cgroupRoot / --cgroup-root: the cgroup v2 directory the socket programs
     attach to (host traffic to Services); "auto": the cgroup v2 mount; "none": off."""
     masquerade_address: str = ""
-    """kpr.masqueradeAddress / --masquerade-address: the node address masqueraded
-    traffic leaves with; "" picks the default route's source (else the first
-    global, non-link-local address)."""
+    """kpr.masqueradeAddress / --masquerade-address: the node addresses masqueraded
+    traffic leaves with, at most one per family, comma-separated; a family without
+    one uses its default route's source (else its first global, non-link-local
+    address)."""
 
 
 # ----- parsing helpers ----------------------------------------------------------------------
@@ -289,20 +290,24 @@ def _maglev_size(value: Any, where: str) -> int:
     return n
 
 
-def _ipv4(value: Any, where: str) -> str:
+def _masq_addresses(value: Any, where: str) -> str:
     if value in ("", None):
         return ""
     try:
-        return str(ipaddress.IPv4Address(str(value).strip()))
+        ips = [ipaddress.ip_address(v.strip()) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{where}: must be an IPv4 address, got {value!r}") from None
+        raise ConfigError(f"{where}: must be IP addresses, at most one per family, "
+                          f"got {value!r}") from None
+    if len({ip.version for ip in ips}) != len(ips):
+        raise ConfigError(f"{where}: at most one address per family, got {value!r}")
+    return ",".join(str(ip) for ip in sorted(ips, key=lambda ip: ip.version))
 
 
 _KPR: dict[str, tuple[str, Any]] = {
     "cgroupRoot": ("cgroup_root", _str),
     "loadBalancing": ("lb_algorithm", _lb_algorithm),
     "maglevTableSize": ("maglev_table_size", _maglev_size),
-    "masqueradeAddress": ("masquerade_address", _ipv4),
+    "masqueradeAddress": ("masquerade_address", _masq_addresses),
     "source": ("source", _source),
     "fullSyncPeriod": ("full_sync_period", parse_duration),
     "interfaces": ("interfaces", _interfaces),
@@ -452,7 +457,7 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "cleanup_on_exit": ("--cleanup-on-exit", _bool),
         "lb_algorithm": ("--lb-algorithm", _lb_algorithm),
         "maglev_table_size": ("--maglev-table-size", _maglev_size),
-        "masquerade_address": ("--masquerade-address", _ipv4),
+        "masquerade_address": ("--masquerade-address", _masq_addresses),
         "cgroup_root": ("--cgroup-root", _str),
     }
     for k, v in raw.items():

@@ -164,7 +164,7 @@ def test_map_full_is_an_error_and_forces_a_full_sync(
         dp.load()
         ok = make_state({0: [1], 1: [1]})
         dp.sync(ok, None)
-        with pytest.raises(DatapathError, match="services4.*map full"):
+        with pytest.raises(DatapathError, match="map services .*map full"):
             dp.sync(make_state({i: [1] for i in range(8)}), None)
         # what was programmed before still holds, and a full sync recovers
         dp.sync(ok, None)

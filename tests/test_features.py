@@ -102,7 +102,7 @@ def test_maglev_keeps_flows_when_a_backend_goes(
     assert _udp_flows(client, ports) == before  # the same flows hash the same
     less = entry(tb, "abce", Protocol.UDP, 53, flags=ServiceFlag.MAGLEV)
     dp.sync(State([less]), Diff.between(State([full]), State([less])))
-    dp.bpf["ct4"].clear()  # forget every flow: placement is the hash's alone
+    dp.bpf["conntrack"].clear()  # forget every flow: placement is the hash's alone
     after = _udp_flows(client, ports)
     survivors = [p for p in ports if before[p] != "d"]
     kept = sum(after[p] == before[p] for p in survivors) / len(survivors)
@@ -119,7 +119,7 @@ def test_random_reshuffles_flows_without_conntrack(
     client = tb.pods["client"].ns
     ports = range(42000, 42200)
     before = _udp_flows(client, ports)
-    dp.bpf["ct4"].clear()
+    dp.bpf["conntrack"].clear()
     after = _udp_flows(client, ports)
     assert sum(after[p] == before[p] for p in ports) / len(ports) < 0.5
 

@@ -153,7 +153,7 @@ def test_kpr_run_against_the_api_server(testbed: Testbed, tmp_path: Path) -> Non
         assert 'kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}' \
             in text
         assert 'kpr_datapath_info{datapath="ebpf"} 1.0' in text
-        assert metric(text, 'kpr_bpf_map_fill_ratio{map="services4"}') > 0
+        assert metric(text, 'kpr_bpf_map_fill_ratio{map="services"}') > 0
         assert 'kpr_bpf_drops_total{reason="no_backend"}' in text
         assert metric(text, 'kpr_source_relists_total{reason="gone",resource="endpointslices"}') \
             >= 1

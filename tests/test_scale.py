@@ -22,8 +22,10 @@ N = 50_000
 
 
 def _count_in_kernel(dp: Any, vip: str, port: int) -> int | None:
-    """The backend count of one frontend, read from the services4 map itself."""
-    key = struct.pack("=4sHBB", socket.inet_aton(vip), socket.htons(port), 6, 0)
+    """The backend count of one frontend, read from the services map itself (an IPv4
+    address as ::ffff:a.b.c.d)."""
+    key = struct.pack("=16sHBB", bytes(10) + b"\xff\xff" + socket.inet_aton(vip),
+                      socket.htons(port), 6, 0)
     for k, v in dp.maps.services.items():
         if k == key:
             return int(struct.unpack("=IHHIB3x", v)[1])

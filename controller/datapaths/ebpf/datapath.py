@@ -17,7 +17,6 @@ network namespace; tests and simulated nodes run several on one machine.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import shutil
 import threading
@@ -37,7 +36,7 @@ from controller.datapaths.ebpf.maps import (
     canonical,
     records,
 )
-from controller.model import Diff, Frontend, Protocol, ServiceEntry, State
+from controller.model import Diff, Frontend, IPNetwork, Protocol, ServiceEntry, State
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,13 @@ class EbpfConfig:
     """Named network namespace to attach in (None: the process's own)."""
     nodeport_addresses: tuple[str, ...] = ()
     """--nodeport-addresses: CIDRs and/or "primary"; empty: every node address."""
-    cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
-    """--cluster-cidr (IPv4 part): detect-local for masquerade and policy decisions."""
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    """--cluster-cidr: detect-local for masquerade and policy decisions, per family."""
     masquerade_all: bool = False
     """masqueradeAll."""
     masquerade_address: str = ""
-    """The node address to masquerade with; "" picks the primary address."""
+    """The node addresses to masquerade with, one per family, comma-separated; a family
+    without one uses its primary address."""
     lb_algorithm: str = "random"
     """random or maglev, for Services without the annotation."""
     cgroup: Path | None = None
@@ -78,8 +78,6 @@ class EbpfConfig:
 
 def _unsupported(e: ServiceEntry) -> str:
     """Why this datapath cannot program an entry yet ("" when it can)."""
-    if e.frontend.ip.version != 4:
-        return "ipv6"
     if e.frontend.protocol == Protocol.SCTP:
         return "sctp"
     return ""
@@ -174,7 +172,8 @@ class EbpfDatapath:
         if net != self.node:
             log.info("node addresses %s; NodePorts on %s; masquerading as %s",
                      ",".join(map(str, net.addresses)) or "-",
-                     ",".join(map(str, net.nodeport)) or "-", net.snat or "- (off)")
+                     ",".join(map(str, net.nodeport)) or "-",
+                     ",".join(map(str, net.snat)) or "- (off)")
             self.node = net
 
     def _records(self, e: ServiceEntry) -> list[Record] | None:

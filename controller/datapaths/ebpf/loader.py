@@ -1,6 +1,6 @@
 """Compile and load the BPF C in bpf/ with bcc.
 
-bcc rewrites map method calls (``services4.lookup(&k)``) only in its main source
+bcc rewrites map method calls (``services.lookup(&k)``) only in its main source
 buffer, not in included files (bcc 0.26), so the loader flattens the project's own
 ``#include "kpr_*.h"`` lines into one text, with ``#line`` markers that keep compiler
 messages pointing at the real file and line. System includes are left to clang.
@@ -36,13 +36,13 @@ class MapSizes:
     """Capacities of the BPF maps (entries)."""
 
     services: int = 65536
-    """Frontends (services4)."""
+    """Frontends (services)."""
     slots: int = 262144
     """Backend slots summed over all services."""
     backends: int = 131072
     """Distinct backend address:port pairs."""
     conntrack: int = 262144
-    """Tracked flows (ct4 and revnat4 each; LRU)."""
+    """Tracked flows (conntrack, revnat, snat and unsnat each; LRU)."""
     frag: int = 8192
     """Fragmented datagrams in flight (LRU)."""
     affinity: int = 65536
@@ -101,16 +101,17 @@ def stat_names(bpf_dir: Path = BPF_DIR) -> list[str]:
     return [n.lower() for n in names if n != "MAX"]
 
 
-LAYOUT = "_v2"
+LAYOUT = "_v3"
 """Pin name suffix: kpr_maps.h's layout version (KPR_PIN)."""
 
 # (pin file name, the MapSizes attribute that sets its capacity)
 _PINNED: list[tuple[str, str]] = [(name + LAYOUT, attr) for name, attr in [
-    ("services4", "services"), ("backend_slots", "slots"), ("members4", "slots"),
-    ("backends4", "backends"), ("ct4", "conntrack"), ("revnat4", "conntrack"),
-    ("snat4", "conntrack"), ("unsnat4", "conntrack"), ("frag4", "frag"),
-    ("svc_names", "services"), ("affinity4", "affinity"), ("maglev4", "maglev"),
-    ("src_ranges4", "source_ranges"), ("cluster_ips4", "services"),
+    ("services", "services"), ("backend_slots", "slots"), ("members", "slots"),
+    ("backends", "backends"), ("conntrack", "conntrack"), ("revnat", "conntrack"),
+    ("snat", "conntrack"), ("unsnat", "conntrack"), ("frags", "frag"),
+    ("svc_names", "services"), ("affinity", "affinity"), ("maglev", "maglev"),
+    ("src_ranges", "source_ranges"), ("cluster_ips", "services"),
+    ("sock_revnat", "conntrack"),
 ]]
 
 
@@ -124,7 +125,7 @@ def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
                         path, info.max_entries, want)
             path.unlink()
     # The Maglev table size is the value size, not the capacity.
-    path = pin_dir / f"maglev4{LAYOUT}"
+    path = pin_dir / f"maglev{LAYOUT}"
     info = kernel.pinned_map_info(path)
     if info is not None and info.value_size != 4 * sizes.maglev_size:
         log.warning("pinned map %s has Maglev tables of %d entries, config wants %d: "

@@ -1,9 +1,13 @@
 """Programming the eBPF service maps: records, shadow, plan, ordered batch apply.
 
-A :class:`ServiceEntry` becomes one or two :class:`Record`\\ s, one per services4
+A :class:`ServiceEntry` becomes one or two :class:`Record`\\ s, one per services
 key: the frontend itself and, for an external frontend with Local policy, its
 in-cluster twin (scope INTERNAL) holding the cluster-wide backends. ClusterIPs also
-get a VIP marker (in cluster_ips4) that makes their undefined ports REJECT.
+get a VIP marker (in cluster_ips) that makes their undefined ports REJECT.
+
+Both families share every map: an address is 16 bytes, an IPv4 one in its
+IPv4-mapped form ::ffff:a.b.c.d (bpf/kpr_structs.h); :func:`pack_addr` and
+:func:`unpack_addr` are the only place that knows.
 
 The writer keeps a shadow of what it believes the kernel holds (record -> service id,
 slot list, value; backend address -> backend id with a reference count; VIP marker
@@ -50,6 +54,8 @@ from typing import Any
 from controller.datapaths.ebpf import loader
 from controller.model import (
     Backend,
+    IPAddress,
+    IPNetwork,
     Frontend,
     FrontendKind,
     Protocol,
@@ -65,21 +71,22 @@ F_SRC_RANGES, F_DROP_EMPTY, F_MAGLEV = (C["SVC_F_SRC_RANGES"], C["SVC_F_DROP_EMP
                                         C["SVC_F_MAGLEV"])
 F_INTERNAL = C["SVC_F_INTERNAL"]
 
-_SVC_KEY = struct.Struct("=4sHBB")  # vip (network order bytes), port (be16), proto, scope
+_SVC_KEY = struct.Struct("=16sHBB")  # vip (16 bytes, see pack_addr), port (be16), proto, scope
 _SVC_VAL = struct.Struct("=IHHIB3x")  # svc_id, count, flags, affinity, kind
 _PAIR = struct.Struct("=II")  # slot key (svc_id, slot), member key (svc_id, backend id)
 _U32 = struct.Struct("=I")
 _U8 = struct.Struct("=B")
-_BACKEND = struct.Struct("=4sHBB")  # addr, port (be16), proto, flags
-_RANGE_KEY = struct.Struct("=II4s")  # prefixlen, svc_id, addr
+_BACKEND = struct.Struct("=16sHBB")  # addr, port (be16), proto, flags
+_RANGE_KEY = struct.Struct("=II16s")  # prefixlen, svc_id, addr
+_V4MAPPED = bytes(10) + b"\xff\xff"
 _NAME_LEN = 96
 _ONE = _U8.pack(1)
 
 Key = tuple[Frontend, int]
-"""A services4 key: frontend and scope."""
+"""A services key: frontend and scope."""
 
-MAP_NAMES = ("services4", "backend_slots", "members4", "backends4", "svc_names",
-             "src_ranges4", "maglev4", "cluster_ips4")
+MAP_NAMES = ("services", "backend_slots", "members", "backends", "svc_names",
+             "src_ranges", "maglev", "cluster_ips")
 """The maps this writer owns (conntrack and affinity maps are the programs')."""
 
 
@@ -98,10 +105,10 @@ class MapOpError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One services4 entry, as the programs see it."""
+    """One services entry, as the programs see it."""
 
     frontend: Frontend
-    """Address (0.0.0.0 for a NodePort, the ClusterIP for a VIP marker), port, protocol."""
+    """Address (0.0.0.0 or :: for a NodePort), port, protocol."""
     scope: int
     """KPR_SCOPE_*."""
     backends: tuple[Backend, ...] = ()
@@ -112,8 +119,8 @@ class Record:
     """Where the frontend comes from (stored for `kpr status` and dumps)."""
     affinity_timeout: int = 0
     """Seconds, with KPR_SVC_F_AFFINITY."""
-    source_ranges: tuple[ipaddress.IPv4Network, ...] = ()
-    """loadBalancerSourceRanges, with KPR_SVC_F_SRC_RANGES."""
+    source_ranges: tuple[IPNetwork, ...] = ()
+    """loadBalancerSourceRanges of the frontend's family, with KPR_SVC_F_SRC_RANGES."""
     name: str = ""
     """namespace/name:port."""
 
@@ -123,7 +130,7 @@ class Record:
 
 
 def records(e: ServiceEntry, maglev_default: bool = False) -> list[Record]:
-    """The services4 records of one entry (an IPv4 TCP/UDP frontend)."""
+    """The services records of one entry (a TCP/UDP frontend of either family)."""
     external = e.kind != FrontendKind.CLUSTER_IP
     local = bool(e.flags & ServiceFlag.LOCAL_POLICY)
     flags = F_EXTERNAL if external else 0
@@ -131,7 +138,9 @@ def records(e: ServiceEntry, maglev_default: bool = False) -> list[Record]:
         flags |= F_AFFINITY
     if e.flags & ServiceFlag.MAGLEV or (maglev_default and not e.flags & ServiceFlag.RANDOM):
         flags |= F_MAGLEV
-    ranges = tuple(n for n in e.source_ranges if isinstance(n, ipaddress.IPv4Network))
+    # Ranges of the other family do not apply, and if none is of this family the
+    # frontend is open, as kube-proxy's per-family proxiers read the field.
+    ranges = tuple(n for n in e.source_ranges if n.version == e.frontend.ip.version)
     if ranges:
         flags |= F_SRC_RANGES
     common: dict[str, Any] = dict(kind=e.kind, name=e.name, source_ranges=ranges,
@@ -219,28 +228,48 @@ def maglev_table(names: list[str], m: int) -> list[int]:
 
 # ----- raw map access --------------------------------------------------------------------
 
+def pack_addr(ip: IPAddress) -> bytes:
+    """union kpr_addr: an IPv6 address as is, an IPv4 one as ::ffff:a.b.c.d."""
+    return _V4MAPPED + ip.packed if ip.version == 4 else ip.packed
+
+
+def unpack_addr(raw: bytes) -> IPAddress:
+    if raw[:12] == _V4MAPPED:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
+
+
+def lpm_prefix(net: IPNetwork) -> int:
+    """A network's prefix length over the 128 bits of union kpr_addr."""
+    return net.prefixlen + (96 if net.version == 4 else 0)
+
+
+def lpm_network(addr: bytes, plen: int) -> IPNetwork:
+    """Inverse of (pack_addr(net.network_address), lpm_prefix(net))."""
+    ip = unpack_addr(addr)
+    return ipaddress.ip_network((ip, plen - 96 if ip.version == 4 else plen))
+
+
 def pack_svc_key(f: Frontend, scope: int = SCOPE_EXTERNAL) -> bytes:
-    if f.ip.version != 4:
-        raise ValueError(f"{f}: the eBPF datapath programs IPv4 only so far")
-    return _SVC_KEY.pack(f.ip.packed, socket.htons(f.port), int(f.protocol), scope)
+    return _SVC_KEY.pack(pack_addr(f.ip), socket.htons(f.port), int(f.protocol), scope)
 
 
 def unpack_svc_key(raw: bytes) -> tuple[Frontend, int]:
     addr, port, proto, scope = _SVC_KEY.unpack(raw)
-    return Frontend(ipaddress.IPv4Address(addr), socket.ntohs(port), Protocol(proto)), scope
+    return Frontend(unpack_addr(addr), socket.ntohs(port), Protocol(proto)), scope
 
 
 def pack_backend(b: Backend, proto: Protocol) -> bytes:
-    return _BACKEND.pack(b.ip.packed, socket.htons(b.port), int(proto), 0)
+    return _BACKEND.pack(pack_addr(b.ip), socket.htons(b.port), int(proto), 0)
 
 
 def unpack_backend(raw: bytes) -> tuple[Backend, Protocol]:
     addr, port, proto, _flags = _BACKEND.unpack(raw)
-    return Backend(ipaddress.IPv4Address(addr), socket.ntohs(port)), Protocol(proto)
+    return Backend(unpack_addr(addr), socket.ntohs(port)), Protocol(proto)
 
 
-def pack_range(sid: int, net: ipaddress.IPv4Network) -> bytes:
-    return _RANGE_KEY.pack(32 + net.prefixlen, sid, net.network_address.packed)
+def pack_range(sid: int, net: IPNetwork) -> bytes:
+    return _RANGE_KEY.pack(32 + lpm_prefix(net), sid, pack_addr(net.network_address))
 
 
 class BpfMap:
@@ -362,7 +391,7 @@ class _Svc:
     backend_ids: tuple[int, ...]
     value: tuple[int, int, int]  # flags, affinity timeout, kind
     name: str
-    ranges: tuple[ipaddress.IPv4Network, ...] = ()
+    ranges: tuple[IPNetwork, ...] = ()
     maglev: bool = False  # a table is written for the current backend_ids
 
 
@@ -374,14 +403,14 @@ class Plan:
     slot_write: dict[tuple[int, int], int] = field(default_factory=dict)
     member_write: set[tuple[int, int]] = field(default_factory=set)
     maglev_write: dict[int, bytes] = field(default_factory=dict)
-    range_write: set[tuple[int, ipaddress.IPv4Network]] = field(default_factory=set)
+    range_write: set[tuple[int, IPNetwork]] = field(default_factory=set)
     svc_write: dict[Key, bytes] = field(default_factory=dict)
     name_write: dict[int, str] = field(default_factory=dict)
-    vip_write: set[ipaddress.IPv4Address] = field(default_factory=set)
+    vip_write: set[IPAddress] = field(default_factory=set)
     svc_delete: list[Key] = field(default_factory=list)
-    vip_delete: set[ipaddress.IPv4Address] = field(default_factory=set)
+    vip_delete: set[IPAddress] = field(default_factory=set)
     name_delete: list[int] = field(default_factory=list)
-    range_delete: set[tuple[int, ipaddress.IPv4Network]] = field(default_factory=set)
+    range_delete: set[tuple[int, IPNetwork]] = field(default_factory=set)
     maglev_delete: set[int] = field(default_factory=set)
     member_delete: set[tuple[int, int]] = field(default_factory=set)
     slot_delete: list[tuple[int, int]] = field(default_factory=list)
@@ -395,17 +424,17 @@ class ServiceMaps:
     """Shadow + planner + applier for the service maps of one pin directory."""
 
     def __init__(self, bpf: Any, maglev_size: int) -> None:
-        self.services = BpfMap(bpf["services4"], "services4")
+        self.services = BpfMap(bpf["services"], "services")
         self.slots = BpfMap(bpf["backend_slots"], "backend_slots")
-        self.members = BpfMap(bpf["members4"], "members4")
-        self.backends = BpfMap(bpf["backends4"], "backends4")
+        self.members = BpfMap(bpf["members"], "members")
+        self.backends = BpfMap(bpf["backends"], "backends")
         self.names = BpfMap(bpf["svc_names"], "svc_names")
-        self.vips = BpfMap(bpf["cluster_ips4"], "cluster_ips4")
-        self.ranges = BpfMap(bpf["src_ranges4"], "src_ranges4", batch=False)
-        self.maglev = BpfMap(bpf["maglev4"], "maglev4")
+        self.vips = BpfMap(bpf["cluster_ips"], "cluster_ips")
+        self.ranges = BpfMap(bpf["src_ranges"], "src_ranges", batch=False)
+        self.maglev = BpfMap(bpf["maglev"], "maglev")
         self.maglev_size = maglev_size
         self._svc: dict[Key, _Svc] = {}
-        self._vips: dict[ipaddress.IPv4Address, int] = {}  # ClusterIP -> records using it
+        self._vips: dict[IPAddress, int] = {}  # ClusterIP -> records using it
         self._be_ids: dict[tuple[Backend, Protocol], int] = {}
         self._be_refs: dict[int, int] = {}
         self._be_key_by_id: dict[int, tuple[Backend, Protocol]] = {}
@@ -418,12 +447,12 @@ class ServiceMaps:
     # ----- reading the kernel ---------------------------------------------------------
 
     def _read(self) -> tuple[dict[Key, tuple[int, int, tuple[int, int, int]]],
-                             set[ipaddress.IPv4Address], dict[int, dict[int, int]],
+                             set[IPAddress], dict[int, dict[int, int]],
                              dict[int, tuple[Backend, Protocol]], dict[int, str],
-                             dict[int, list[ipaddress.IPv4Network]], set[tuple[int, int]],
+                             dict[int, list[IPNetwork]], set[tuple[int, int]],
                              dict[int, bytes]]:
         svcs: dict[Key, tuple[int, int, tuple[int, int, int]]] = {}
-        vips = {ipaddress.IPv4Address(k) for k in self.vips.keys()}
+        vips = {unpack_addr(k) for k in self.vips.keys()}
         for k, v in self.services.items():
             f, scope = unpack_svc_key(k)
             sid, count, flags, aff, kind = _SVC_VAL.unpack(v)
@@ -435,11 +464,10 @@ class ServiceMaps:
         backends = {_U32.unpack(k)[0]: unpack_backend(v) for k, v in self.backends.items()}
         names = {_U32.unpack(k)[0]: v.split(b"\0", 1)[0].decode(errors="replace")
                  for k, v in self.names.items()}
-        ranges: dict[int, list[ipaddress.IPv4Network]] = {}
+        ranges: dict[int, list[IPNetwork]] = {}
         for k in self.ranges.keys():
             plen, sid, addr = _RANGE_KEY.unpack(k)
-            ranges.setdefault(sid, []).append(
-                ipaddress.IPv4Network((ipaddress.IPv4Address(addr), plen - 32)))
+            ranges.setdefault(sid, []).append(lpm_network(addr, plen - 32))
         members = {_PAIR.unpack(k) for k in self.members.keys()}
         tables = {_U32.unpack(k)[0]: v for k, v in self.maglev.items()}
         return svcs, vips, slots, backends, names, ranges, members, tables
@@ -483,7 +511,7 @@ class ServiceMaps:
         self._vips = {}
         for (f, scope), s in self._svc.items():
             if scope == SCOPE_EXTERNAL and s.value[2] == FrontendKind.CLUSTER_IP:
-                self._vips[f.ip] = self._vips.get(f.ip, 0) + 1  # type: ignore[index]
+                self._vips[f.ip] = self._vips.get(f.ip, 0) + 1
         plan.vip_delete = vips - set(self._vips)
         plan.vip_write = set(self._vips) - vips
         for bid, refs in self._be_refs.items():
@@ -542,7 +570,7 @@ class ServiceMaps:
         kind = r.kind if isinstance(r, Record) else r.value[2]
         if key[1] != SCOPE_EXTERNAL or kind != FrontendKind.CLUSTER_IP:
             return
-        ip: ipaddress.IPv4Address = key[0].ip  # type: ignore[assignment]
+        ip = key[0].ip
         n = self._vips.get(ip, 0) + delta
         if n <= 0:
             self._vips.pop(ip, None)
@@ -588,7 +616,7 @@ class ServiceMaps:
             if old is None:
                 sid = self._alloc_svc_id()
                 old_ids: tuple[int, ...] = ()
-                old_ranges: tuple[ipaddress.IPv4Network, ...] = ()
+                old_ranges: tuple[IPNetwork, ...] = ()
                 old_maglev = False
                 self._vip_ref(rec, key, +1, plan)
             else:
@@ -641,11 +669,11 @@ class ServiceMaps:
         self.maglev.update((_U32.pack(sid), t) for sid, t in plan.maglev_write.items())
         self.ranges.update((pack_range(sid, n), _ONE) for sid, n in plan.range_write)
         self.services.update((pack_svc_key(*key), v) for key, v in plan.svc_write.items())
-        self.vips.update((ip.packed, _ONE) for ip in plan.vip_write)
+        self.vips.update((pack_addr(ip), _ONE) for ip in plan.vip_write)
         self.names.update((_U32.pack(sid), name.encode()[: _NAME_LEN - 1].ljust(_NAME_LEN, b"\0"))
                           for sid, name in plan.name_write.items())
         self.services.delete(pack_svc_key(*key) for key in plan.svc_delete)
-        self.vips.delete(ip.packed for ip in plan.vip_delete)
+        self.vips.delete(pack_addr(ip) for ip in plan.vip_delete)
         self.names.delete(_U32.pack(sid) for sid in plan.name_delete)
         self.ranges.delete(pack_range(sid, n) for sid, n in plan.range_delete)
         self.maglev.delete(_U32.pack(sid) for sid in plan.maglev_delete)
@@ -682,6 +710,6 @@ class ServiceMaps:
 
     def fill(self) -> dict[str, float]:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""
-        return {"services4": len(self._svc) / self.services.max_entries,
+        return {"services": len(self._svc) / self.services.max_entries,
                 "backend_slots": self._slot_total / self.slots.max_entries,
-                "backends4": len(self._be_refs) / self.backends.max_entries}
+                "backends": len(self._be_refs) / self.backends.max_entries}

@@ -1,14 +1,18 @@
 """The node's own network facts the programs need: its addresses, where NodePorts
-answer, the masquerade address, the cluster CIDRs and the namespace cookie.
+answer, the masquerade addresses, the cluster CIDRs and the namespace cookie.
 
 They are read from the kernel (rtnetlink, in the datapath's namespace) at start,
 on every full sync, and whenever the link watcher sees an address change, then
-written to node_addrs4, local_cidrs4 and config4. Writing compares with what the
+written to node_addrs, local_cidrs and node_config. Writing compares with what the
 maps hold, so an unchanged node costs three reads.
 
+Both families are read alike; each has its own masquerade address (an IPv4 flow is
+masqueraded to an IPv4 node address, an IPv6 flow to an IPv6 one).
+
 ``--nodeport-addresses`` follows kube-proxy: CIDRs select the node addresses in
-them; ``primary`` selects the primary address; empty selects every address
-(loopback excluded, as kube-proxy's nftables mode does).
+them; ``primary`` selects each family's primary address; empty selects every
+address (loopback and IPv6 link-local excluded, as kube-proxy's nftables mode does:
+a link-local address is ambiguous without its link).
 """
 
 from __future__ import annotations
@@ -23,27 +27,29 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from controller.datapaths.ebpf import loader
-from controller.datapaths.ebpf.maps import BpfMap
+from controller.datapaths.ebpf.maps import BpfMap, lpm_prefix, pack_addr
+from controller.model import IPAddress, IPNetwork
 
 SO_NETNS_COOKIE = 71  # Linux 5.14+, include/uapi/asm-generic/socket.h
-LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
-LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
+LINK_LOCAL = (ipaddress.IPv4Network("169.254.0.0/16"), ipaddress.IPv6Network("fe80::/10"))
 _C = loader.consts()
-_LPM_KEY = struct.Struct("=I4s")
-_CONFIG = struct.Struct("=4sIQ")
+_LPM_KEY = struct.Struct("=I16s")
+_CONFIG = struct.Struct("=16s16sIIQ")  # snat4, snat6, flags, pad, netns_cookie
 
 
 @dataclass(frozen=True, slots=True)
 class NodeNet:
-    """What config4, node_addrs4 and local_cidrs4 should hold."""
+    """What node_config, node_addrs and local_cidrs should hold."""
 
-    addresses: tuple[ipaddress.IPv4Address, ...]
-    """Every IPv4 address of the node except loopback."""
-    nodeport: tuple[ipaddress.IPv4Address, ...]
+    addresses: tuple[IPAddress, ...]
+    """Every address of the node except loopback and IPv6 link-local."""
+    nodeport: tuple[IPAddress, ...]
     """The addresses NodePorts answer on."""
-    snat: ipaddress.IPv4Address | None
-    """The masquerade address; None: masquerading is off (no usable address)."""
-    cluster_cidrs: tuple[ipaddress.IPv4Network, ...]
+    snat: tuple[IPAddress, ...]
+    """The masquerade addresses, at most one per family; a family without one is not
+    masqueraded (no usable address)."""
+    cluster_cidrs: tuple[IPNetwork, ...]
     """detect-local: clients inside these are in-cluster."""
     masquerade_all: bool
     """masqueradeAll."""
@@ -51,30 +57,42 @@ class NodeNet:
     """The namespace's cookie (socket programs act only inside it)."""
 
 
-def _addresses(ipr: IPRoute) -> list[tuple[int, ipaddress.IPv4Address]]:
-    out = []
-    for msg in ipr.get_addr(family=socket.AF_INET):
-        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if raw:
-            ip = ipaddress.IPv4Address(raw)
-            if ip not in LOOPBACK:
+def _usable(ip: IPAddress) -> bool:
+    return not any(ip in n for n in LOOPBACK if n.version == ip.version)
+
+
+def _link_local(ip: IPAddress) -> bool:
+    return any(ip in n for n in LINK_LOCAL if n.version == ip.version)
+
+
+def _addresses(ipr: IPRoute) -> list[tuple[int, IPAddress]]:
+    out: list[tuple[int, IPAddress]] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_addr(family=family):
+            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not raw:
+                continue
+            ip = ipaddress.ip_address(raw)
+            if _usable(ip) and not (ip.version == 6 and _link_local(ip)):
                 out.append((msg["index"], ip))
-    return sorted(out)
+    return sorted(out, key=lambda x: (x[1].version, x[0], x[1].packed))
 
 
-def _primary(ipr: IPRoute, addrs: list[tuple[int, ipaddress.IPv4Address]]
-             ) -> ipaddress.IPv4Address | None:
-    """The default route's preferred source, else the first address on its link, else
-    the first global address outside 169.254/16."""
-    for r in ipr.get_default_routes(family=socket.AF_INET):
+def _primary(ipr: IPRoute, addrs: list[tuple[int, IPAddress]], version: int
+             ) -> IPAddress | None:
+    """The family's default route's preferred source, else the first address on its
+    link, else the family's first global address outside link-local."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    mine = [(idx, ip) for idx, ip in addrs if ip.version == version]
+    for r in ipr.get_default_routes(family=family):
         src = r.get_attr("RTA_PREFSRC")
         if src:
-            return ipaddress.IPv4Address(src)
+            return ipaddress.ip_address(src)
         oif = r.get_attr("RTA_OIF")
-        on_link = [ip for idx, ip in addrs if idx == oif and ip not in LINK_LOCAL]
+        on_link = [ip for idx, ip in mine if idx == oif and not _link_local(ip)]
         if on_link:
             return on_link[0]
-    usable = [ip for _, ip in addrs if ip not in LINK_LOCAL]
+    usable = [ip for _, ip in mine if not _link_local(ip)]
     return usable[0] if usable else None
 
 
@@ -89,47 +107,53 @@ def netns_cookie() -> int:
 
 
 def discover(ipr: IPRoute, nodeport_addresses: Iterable[str],
-             cluster_cidrs: Iterable[ipaddress.IPv4Network], masquerade_all: bool,
+             cluster_cidrs: Iterable[IPNetwork], masquerade_all: bool,
              masquerade_address: str, cookie: int) -> NodeNet:
     addrs = _addresses(ipr)
-    primary = _primary(ipr, addrs)
-    snat = ipaddress.IPv4Address(masquerade_address) if masquerade_address else primary
-    allv4 = tuple(dict.fromkeys(ip for _, ip in addrs))
+    primary = {v: _primary(ipr, addrs, v) for v in (4, 6)}
+    fixed = {ip.version: ip for ip in
+             (ipaddress.ip_address(a) for a in masquerade_address.split(",") if a)}
+    snat = tuple(ip for ip in (fixed.get(v) or primary[v] for v in (4, 6)) if ip is not None)
+    every = tuple(dict.fromkeys(ip for _, ip in addrs))
     specs = list(nodeport_addresses)
     if not specs:
-        nodeport = allv4
+        nodeport = every
     else:
         nets = [ipaddress.ip_network(s) for s in specs if s != "primary"]
-        chosen = [ip for ip in allv4 if any(ip in n for n in nets if n.version == 4)]
-        if "primary" in specs and primary is not None:
-            chosen.append(primary)
+        chosen = [ip for ip in every if any(ip in n for n in nets if n.version == ip.version)]
+        if "primary" in specs:
+            chosen += [ip for ip in primary.values() if ip is not None]
         nodeport = tuple(dict.fromkeys(chosen))
-    return NodeNet(allv4, nodeport, snat, tuple(cluster_cidrs), masquerade_all, cookie)
+    return NodeNet(every, nodeport, snat, tuple(cluster_cidrs), masquerade_all, cookie)
 
 
 class NodeMaps:
     """Writes a NodeNet into the maps, touching only what differs."""
 
     def __init__(self, bpf: Any) -> None:
-        self.addrs = BpfMap(bpf["node_addrs4"], "node_addrs4")
-        self.cidrs = BpfMap(bpf["local_cidrs4"], "local_cidrs4", batch=False)
-        self.config = BpfMap(bpf["config4"], "config4", batch=False)
+        self.addrs = BpfMap(bpf["node_addrs"], "node_addrs")
+        self.cidrs = BpfMap(bpf["local_cidrs"], "local_cidrs", batch=False)
+        self.config = BpfMap(bpf["node_config"], "node_config", batch=False)
 
     def write(self, net: NodeNet) -> int:
         ops = 0
-        want = {ip.packed: struct.pack("=I", _C["ADDR_F_NODEPORT"] if ip in net.nodeport
-                                       else 0) for ip in net.addresses}
+        want = {pack_addr(ip): struct.pack("=I", _C["ADDR_F_NODEPORT"] if ip in net.nodeport
+                                           else 0) for ip in net.addresses}
         have = dict(self.addrs.items())
         ops += self.addrs.update((k, v) for k, v in want.items() if have.get(k) != v)
         ops += self.addrs.delete(k for k in have if k not in want)
-        want_c = {_LPM_KEY.pack(n.prefixlen, n.network_address.packed)
+        want_c = {_LPM_KEY.pack(lpm_prefix(n), pack_addr(n.network_address))
                   for n in net.cluster_cidrs}
         have_c = set(self.cidrs.keys())
         ops += self.cidrs.update((k, b"\1") for k in want_c - have_c)
         ops += self.cidrs.delete(have_c - want_c)
+        versions = {n.version for n in net.cluster_cidrs}
         flags = (_C["CFG_F_MASQ_ALL"] if net.masquerade_all else 0) | \
-            (_C["CFG_F_DETECT_LOCAL"] if net.cluster_cidrs else 0)
-        cfg = _CONFIG.pack(net.snat.packed if net.snat else bytes(4), flags, net.netns_cookie)
+            (_C["CFG_F_DETECT_LOCAL"] if 4 in versions else 0) | \
+            (_C["CFG_F_DETECT_LOCAL6"] if 6 in versions else 0)
+        snat = {ip.version: pack_addr(ip) for ip in net.snat}
+        cfg = _CONFIG.pack(snat.get(4, bytes(16)), snat.get(6, bytes(16)), flags, 0,
+                           net.netns_cookie)
         if dict(self.config.items()).get(bytes(4)) != cfg:
             ops += self.config.update([(bytes(4), cfg)])
         return ops

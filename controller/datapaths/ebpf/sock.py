@@ -26,6 +26,10 @@ PROGRAMS: tuple[tuple[str, int], ...] = (
     ("sendmsg4", 14),      # BPF_CGROUP_UDP4_SENDMSG
     ("recvmsg4", 19),      # BPF_CGROUP_UDP4_RECVMSG
     ("getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    ("connect6", 11),      # BPF_CGROUP_INET6_CONNECT
+    ("sendmsg6", 15),      # BPF_CGROUP_UDP6_SENDMSG
+    ("recvmsg6", 20),      # BPF_CGROUP_UDP6_RECVMSG
+    ("getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
 )
 
 

@@ -30,6 +30,11 @@ static __always_inline int kpr_addr_eq(const union kpr_addr *a, const union kpr_
 		(a->w[3] ^ b->w[3])) == 0;
 }
 
+static __always_inline int kpr_addr_is_v4mapped(const union kpr_addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == KPR_V4MAPPED_W2;
+}
+
 static __always_inline int kpr_addr_is_zero(const union kpr_addr *a)
 {
 	return (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0;

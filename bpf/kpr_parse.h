@@ -103,6 +103,11 @@ static __always_inline int kpr_parse_ipv6(struct __sk_buff *skb, struct kpr_pkt 
 	p->family = 6;
 	kpr_addr_from_v6(&p->saddr, ip6->saddr.in6_u.u6_addr32);
 	kpr_addr_from_v6(&p->daddr, ip6->daddr.in6_u.u6_addr32);
+	/* An IPv4-mapped address is invalid on the wire (RFC 4942 section 2.2; the
+	 * kernel drops such a source in ip6_rcv_core) and here would alias an IPv4
+	 * entry: not ours. */
+	if (kpr_addr_is_v4mapped(&p->saddr) || kpr_addr_is_v4mapped(&p->daddr))
+		return KPR_PARSE_SKIP;
 	nexthdr = ip6->nexthdr;
 	p->frag = KPR_FRAG_NONE;
 

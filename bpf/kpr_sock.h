@@ -91,8 +91,7 @@ static __always_inline struct kpr_svc_value *kpr_sock_frontend(const union kpr_a
 		if (!addr_flags || !(*addr_flags & KPR_ADDR_F_NODEPORT))
 			return NULL;
 		/* the family as the address shows it: a mapped one is IPv4 */
-		kpr_addr_unspec(&k.vip, k.vip.w[0] == 0 && k.vip.w[1] == 0 &&
-					k.vip.w[2] == KPR_V4MAPPED_W2 ? 4 : 6);
+		kpr_addr_unspec(&k.vip, kpr_addr_is_v4mapped(&k.vip) ? 4 : 6);
 		svc = services.lookup(&k);
 		if (!svc)
 			return NULL;

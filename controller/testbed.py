@@ -3,14 +3,19 @@
 Used by ``kpr demo``, the integration tests and the benchmark. Layout (per testbed,
 all names carry a unique prefix so several can coexist)::
 
-    <p>-pod-a  eth0 10.244.0.11/32 --veth-- <p>a  (node side)
-    <p>-pod-b  eth0 10.244.0.12/32 --veth-- <p>b           \\
-    ...                                                      <p>-node  (kpr runs here,
-    <p>-ext    eth0 172.16.0.2/24  --veth-- <p>x 172.16.0.1    ip_forward=1)
+    <p>-pod-a  eth0 10.244.0.11/32 fd00:244::11/128 --veth-- <p>a  (node side)
+    <p>-pod-b  eth0 10.244.0.12/32 fd00:244::12/128 --veth-- <p>b           \\
+    ...                                                             <p>-node (kpr runs
+    <p>-ext    eth0 172.16.0.2/24 fd00:16::2/64 --veth-- <p>x 172.16.0.1    here,
+                                                              fd00:16::1  forwarding)
 
-Pods are wired as a point-to-point CNI does it: a /32 on the pod side, a default
-route via the link-local gateway 169.254.1.1 (an address on every node-side veth), and
-a /32 route per pod on the node. Checksum offload is off on every veth, so a receiver
+Every link is dual-stack. Pods are wired as a point-to-point CNI does it: a /32 and
+a /128 on the pod side, default routes via the gateways 169.254.1.1 and fd00:169::1
+(addresses on every node-side veth), and a /32 and a /128 route per pod on the node.
+The node's IPv6 default route points at the external link, so its primary IPv6
+address (the masquerade address) is fd00:16::1, as 172.16.0.1 is for IPv4.
+Duplicate address detection is off in every namespace, so addresses are usable at
+once. Checksum offload is off on every veth, so a receiver
 verifies checksums in software: a wrong incremental checksum update by the datapath
 shows up as lost packets, not as silently accepted ones.
 
@@ -18,7 +23,8 @@ Servers and clients run as threads of the calling process that ``setns`` into th
 namespace (setns(CLONE_NEWNET) affects only the calling thread), so a test makes
 hundreds of connections without a process per request. Servers answer each request
 line with ``<name> <client ip>``, so a client learns which backend answered and the
-backend's view of the client's address.
+backend's view of the client's address. Servers listen on both families; clients
+use the family of the address they are given.
 
 Teardown stops the servers and deletes the namespaces (which deletes the veths); it
 runs on exceptions and Ctrl-C too.
@@ -44,7 +50,14 @@ from controller.datapaths.ebpf.tc import in_netns, setns_thread
 
 T = TypeVar("T")
 GATEWAY = "169.254.1.1"
+GATEWAY6 = "fd00:169::1"
 POD_NET = ipaddress.IPv4Network("10.244.0.0/24")
+POD_NET6 = ipaddress.IPv6Network("fd00:244::/64")
+
+
+def family(ip: str) -> socket.AddressFamily:
+    """The socket family of an address literal."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -84,45 +97,55 @@ class Pod:
     ns: str
     """Network namespace."""
     ip: str
-    """Pod address."""
+    """Pod IPv4 address."""
     host_if: str
     """Node-side veth name."""
+    ip6: str = ""
+    """Pod IPv6 address."""
 
 
 class Server:
     """TCP and UDP line servers on one port in a namespace, answering
-    ``<name> <client ip>\\n`` to every request."""
+    ``<name> <client ip>\\n`` to every request. ``bind`` lists the addresses to
+    listen on; the default is every address of both families."""
 
     def __init__(self, ns: str, name: str, port: int, tcp: bool = True, udp: bool = True,
-                 bind: str = "0.0.0.0") -> None:
+                 bind: str | tuple[str, ...] = ("0.0.0.0", "::")) -> None:
         self.ns, self.name, self.port = ns, name, port
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self.conns: list[socket.socket] = []
+        binds = (bind,) if isinstance(bind, str) else bind
         ready: Future[None] = Future()
-        self._thread = threading.Thread(target=self._serve, args=(tcp, udp, bind, ready),
+        self._thread = threading.Thread(target=self._serve, args=(tcp, udp, binds, ready),
                                         daemon=True, name=f"server-{name}")
         self._thread.start()
         ready.result(10)
 
-    def _serve(self, tcp: bool, udp: bool, bind: str, ready: Future[None]) -> None:
+    def _listen(self, kind: int, addr: str) -> socket.socket:
+        s = socket.socket(family(addr), kind)
+        if ":" in addr:  # one socket per family: v4 peers never show as ::ffff:a.b.c.d
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, self.port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(512)
+        s.setblocking(False)
+        self._socks.append(s)
+        return s
+
+    def _serve(self, tcp: bool, udp: bool, binds: tuple[str, ...],
+               ready: Future[None]) -> None:
         try:
             setns_thread(self.ns)
             sel = selectors.DefaultSelector()
-            if tcp:
-                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                t.bind((bind, self.port))
-                t.listen(512)
-                t.setblocking(False)
-                sel.register(t, selectors.EVENT_READ, "accept")
-                self._socks.append(t)
-            if udp:
-                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                u.bind((bind, self.port))
-                u.setblocking(False)
-                sel.register(u, selectors.EVENT_READ, "udp")
-                self._socks.append(u)
+            for addr in binds:
+                if tcp:
+                    sel.register(self._listen(socket.SOCK_STREAM, addr), selectors.EVENT_READ,
+                                 "accept")
+                if udp:
+                    sel.register(self._listen(socket.SOCK_DGRAM, addr), selectors.EVENT_READ,
+                                 "udp")
         except BaseException as e:  # noqa: BLE001
             ready.set_exception(e)
             return
@@ -181,7 +204,7 @@ def tcp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
 def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> tuple[str, str]:
     """One datagram; returns (answer, source address of the answer)."""
     def go() -> tuple[str, str]:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(family(ip), socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
             s.sendto(b"hello\n", (ip, port))
             data, addr = s.recvfrom(65535)
@@ -202,7 +225,7 @@ def spread(ns: str, ip: str, port: int, n: int, proto: str = "tcp",
                         s.sendall(b"hello\n")
                         name = s.recv(4096).decode().split()[0]
                 else:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    with socket.socket(family(ip), socket.SOCK_DGRAM) as s:
                         s.settimeout(timeout)
                         s.sendto(b"hello\n", (ip, port))
                         name = s.recvfrom(65535)[0].decode().split()[0]
@@ -225,7 +248,7 @@ def probe(ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
     "ERROR <reason>" for another failure (a host or network unreachable)."""
     def go() -> tuple[str, str] | str:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, kind) as s:
+        with socket.socket(family(ip), kind) as s:
             s.settimeout(timeout)
             if bind:
                 s.bind((bind, 0))
@@ -285,7 +308,8 @@ class Testbed:
     def __enter__(self) -> Testbed:
         try:
             self._ns(self.node)
-            sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+               "net.ipv6.conf.all.forwarding=1")
         except BaseException:
             self.teardown()
             raise
@@ -297,6 +321,9 @@ class Testbed:
     def _ns(self, name: str) -> None:
         sh("ip", "netns", "add", name)
         self.namespaces.append(name)
+        # before any link exists, so that every link inherits "no DAD"
+        sh("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+           "net.ipv6.conf.default.accept_dad=0")
         sh("ip", "-n", name, "link", "set", "lo", "up")
 
     def add_pod(self, name: str) -> Pod:
@@ -305,34 +332,45 @@ class Testbed:
         ns = f"{self.prefix}-{name}"
         host_if = f"{self.prefix}p{i}"
         ip = str(POD_NET.network_address + 11 + i)
+        ip6 = f"{POD_NET6.network_address}{11 + i}"
         self._ns(ns)
         sh("ip", "-n", self.node, "link", "add", host_if, "type", "veth", "peer", "name",
            "eth0", "netns", ns)
         sh("ip", "-n", self.node, "addr", "add", f"{GATEWAY}/32", "dev", host_if)
+        sh("ip", "-n", self.node, "addr", "add", f"{GATEWAY6}/128", "dev", host_if, "nodad")
         sh("ip", "-n", self.node, "link", "set", host_if, "up")
         sh("ip", "-n", self.node, "route", "add", f"{ip}/32", "dev", host_if)
+        sh("ip", "-n", self.node, "route", "add", f"{ip6}/128", "dev", host_if)
         sh("ip", "-n", ns, "addr", "add", f"{ip}/32", "dev", "eth0")
+        sh("ip", "-n", ns, "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
         sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+        sh("ip", "-n", ns, "route", "add", GATEWAY6, "dev", "eth0")
+        sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
         sh("ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off")
         sh("ip", "netns", "exec", self.node, "ethtool", "-K", host_if, "tx", "off")
-        pod = Pod(name, ns, ip, host_if)
+        pod = Pod(name, ns, ip, host_if, ip6)
         self.pods[name] = pod
         return pod
 
     def add_ext(self) -> str:
-        """An external client namespace on 172.16.0.0/24 behind the node."""
+        """An external client namespace on 172.16.0.0/24 and fd00:16::/64 behind the
+        node."""
         ns = f"{self.prefix}-ext"
         host_if = f"{self.prefix}x"
         self._ns(ns)
         sh("ip", "-n", self.node, "link", "add", host_if, "type", "veth", "peer", "name",
            "eth0", "netns", ns)
         sh("ip", "-n", self.node, "addr", "add", "172.16.0.1/24", "dev", host_if)
+        sh("ip", "-n", self.node, "addr", "add", "fd00:16::1/64", "dev", host_if, "nodad")
         sh("ip", "-n", self.node, "link", "set", host_if, "up")
         sh("ip", "-n", ns, "addr", "add", "172.16.0.2/24", "dev", "eth0")
+        sh("ip", "-n", ns, "addr", "add", "fd00:16::2/64", "dev", "eth0", "nodad")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", "172.16.0.1")
+        sh("ip", "-n", ns, "route", "add", "default", "via", "fd00:16::1")
+        sh("ip", "-n", self.node, "route", "add", "default", "via", "fd00:16::2")
         self.ext_ns = ns
         return ns
 

@@ -14,13 +14,26 @@ from controller.datapaths.ebpf.datapath import EbpfDatapath, cleanup
 from controller.kernel import prog_test_run
 from controller.model import Backend, Frontend, Protocol, ServiceEntry, ServiceFlag, State
 from tests.conftest import new_datapath
-from tests.packets import ETH_HDR, csum, frame, ipv4, l4, parse
+from tests.packets import (
+    ETH_HDR,
+    ETH_HDR6,
+    NEXTHDR_FRAGMENT,
+    csum,
+    fragment_hdr,
+    frame,
+    ipv4,
+    ipv6,
+    l4,
+    parse,
+    pseudo,
+)
 
 pytestmark = pytest.mark.kernel
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
 CLIENT = "10.244.0.50"
+CLIENT6 = "fd00:244::50"
 
 
 def entry(vip: str, port: int, proto: Protocol, backends: list[tuple[str, int]]) -> ServiceEntry:
@@ -37,6 +50,9 @@ STATE = State([
     # internalTrafficPolicy Local, endpoints only on other nodes
     ServiceEntry.make(Frontend(ipaddress.ip_address("10.96.0.40"), 80, Protocol.TCP), [],
                       "test/local", flags=ServiceFlag.LOCAL_POLICY | ServiceFlag.HAS_ENDPOINTS),
+    entry("fd00:96::20", 80, Protocol.TCP, [("fd00:244::21", 8080)]),
+    entry("fd00:96::20", 53, Protocol.UDP, [("fd00:244::21", 5353)]),
+    entry("fd00:96::30", 80, Protocol.TCP, []),
 ])
 
 
@@ -202,3 +218,100 @@ def test_flow_keeps_its_backend_and_new_flows_spread(dp: EbpfDatapath) -> None:
     chosen = {parse(ingress(dp, frame(CLIENT, "10.96.0.10", 42000 + i, 80, TCP))[1]).dst
               for i in range(64)}
     assert chosen == {"10.244.0.11", "10.244.0.12"}
+
+
+# ----- IPv6: the same programs, the same maps (addresses 16 bytes) -------------------
+
+def test_ipv6_tcp_is_dnated_and_reverse_nated_with_valid_checksums(dp: EbpfDatapath) -> None:
+    ret, out = ingress(dp, frame(CLIENT6, "fd00:96::20", 40101, 80, TCP, b"hello6"))
+    p = parse(out)
+    assert ret == TC_ACT_OK and out[:14] == ETH_HDR6
+    assert (p.src, p.sport, p.dst, p.dport) == (CLIENT6, 40101, "fd00:244::21", 8080)
+    assert p.l4_csum_ok and p.payload == b"hello6"
+    ret, out = egress(dp, frame("fd00:244::21", CLIENT6, 8080, 40101, TCP, b"reply6"))
+    p = parse(out)
+    assert ret == TC_ACT_OK
+    assert (p.src, p.sport, p.dst, p.dport) == ("fd00:96::20", 80, CLIENT6, 40101)
+    assert p.l4_csum_ok and p.payload == b"reply6"
+
+
+def test_ipv6_udp_dnat_and_reply(dp: EbpfDatapath) -> None:
+    ret, out = ingress(dp, frame(CLIENT6, "fd00:96::20", 40102, 53, UDP, b"query"))
+    p = parse(out)
+    assert ret == TC_ACT_OK and (p.dst, p.dport) == ("fd00:244::21", 5353)
+    assert p.l4_csum_ok and p.l4_csum != 0
+    ret, out = egress(dp, frame("fd00:244::21", CLIENT6, 5353, 40102, UDP, b"answer"))
+    p = parse(out)
+    assert (p.src, p.sport) == ("fd00:96::20", 53) and p.l4_csum_ok
+
+
+def test_ipv6_extension_headers_are_walked(dp: EbpfDatapath) -> None:
+    pkt = frame(CLIENT6, "fd00:96::20", 40103, 80, TCP, b"ext", options=b"hbh")
+    ret, out = ingress(dp, pkt)
+    p = parse(out)
+    assert ret == TC_ACT_OK
+    assert (p.dst, p.dport, p.sport) == ("fd00:244::21", 8080, 40103)
+    assert p.l4_csum_ok and p.payload == b"ext"
+    assert out[54:62] == pkt[54:62]  # the hop-by-hop header is kept as it was
+
+
+def test_ipv6_fragments_follow_the_first_one(dp: EbpfDatapath) -> None:
+    payload = bytes(range(48))
+    seg = l4(UDP, CLIENT6, "fd00:96::20", 40104, 53, payload)  # 56 bytes
+    first = ETH_HDR6 + ipv6(CLIENT6, "fd00:96::20", NEXTHDR_FRAGMENT,
+                            fragment_hdr(UDP, 0, True, 0xABCDEF01) + seg[:24])
+    later = ETH_HDR6 + ipv6(CLIENT6, "fd00:96::20", NEXTHDR_FRAGMENT,
+                            fragment_hdr(UDP, 3, False, 0xABCDEF01) + seg[24:])
+    ret1, out1 = ingress(dp, first)
+    ret2, out2 = ingress(dp, later)
+    assert ret1 == ret2 == TC_ACT_OK
+    p1, p2 = parse(out1, with_l4=False), parse(out2, with_l4=False)
+    assert p1.dst == p2.dst == "fd00:244::21"
+    assert struct.unpack("!HH", out1[62:66]) == (40104, 5353)
+    assert out2[62:] == seg[24:]  # no L4 header: payload untouched
+    whole = out1[62:] + out2[62:]
+    assert csum(pseudo(CLIENT6, "fd00:244::21", UDP, len(whole)) + whole) == 0
+
+
+def test_ipv4_mapped_address_on_the_wire_is_not_an_ipv4_service(dp: EbpfDatapath) -> None:
+    pkt = frame(CLIENT6, "::ffff:10.96.0.20", 40105, 80, TCP)
+    assert ingress(dp, pkt) == (TC_ACT_OK, pkt)
+
+
+def assert_port_unreachable6(pkt: bytes, ret: int, out: bytes, vip: str) -> None:
+    """``out`` is an ICMPv6 port unreachable from ``vip`` quoting ``pkt``, sent back."""
+    assert ret == TC_ACT_REDIRECT
+    assert out[:6] == pkt[6:12] and out[6:12] == pkt[:6] and out[12:14] == b"\x86\xdd"
+    ip = parse(out, with_l4=False)
+    assert (ip.src, ip.dst, ip.proto) == (vip, CLIENT6, socket.IPPROTO_ICMPV6)
+    icmp = out[14 + 40:]
+    assert icmp[:2] == b"\x01\x04"  # type 1 (unreachable), code 4 (port)
+    assert csum(pseudo(vip, CLIENT6, socket.IPPROTO_ICMPV6, len(icmp)) + icmp) == 0
+    assert icmp[8:] == pkt[14:14 + 48]  # the offending IPv6 header + 8 bytes
+
+
+@pytest.mark.parametrize("vip,dport", [("fd00:96::20", 80), ("fd00:96::30", 53)])
+def test_ipv6_udp_reject_is_icmpv6_port_unreachable(dp: EbpfDatapath, vip: str,
+                                                    dport: int) -> None:
+    pkt = frame(CLIENT6, vip, 40106, dport, UDP)
+    assert_port_unreachable6(pkt, *ingress(dp, pkt), vip)
+
+
+@pytest.mark.parametrize("vip,dport", [("fd00:96::20", 81), ("fd00:96::30", 80)])
+def test_ipv6_tcp_reject_is_a_reset(dp: EbpfDatapath, vip: str, dport: int) -> None:
+    """A SYN gets <SEQ=0><ACK=ISN+1><CTL=RST,ACK> from the address it tried (an
+    ICMPv6 error would be dropped by a local client's kernel: see kpr_icmp.h)."""
+    pkt = frame(CLIENT6, vip, 40107, dport, TCP)  # SYN, seq 1, 4 bytes of data
+    ret, out = ingress(dp, pkt)
+    assert ret == TC_ACT_REDIRECT
+    assert out[:6] == pkt[6:12] and out[6:12] == pkt[:6]
+    p = parse(out)
+    assert (p.src, p.sport, p.dst, p.dport) == (vip, dport, CLIENT6, 40107) and p.l4_csum_ok
+    seq, ack, _off, flags = struct.unpack("!IIBB", out[58:68])
+    assert (seq, ack, flags) == (0, 1 + 1 + 4, 0x14)  # SYN and 4 data bytes acked; RST|ACK
+    # a segment with ACK set gets <SEQ=SEG.ACK><CTL=RST>; an RST is never answered
+    acked = bytearray(frame(CLIENT6, vip, 40108, dport, TCP, b"", flags=0x10))
+    acked[62:66] = struct.pack("!I", 777)  # ack_seq; checksum no longer checked by us
+    ret, out = ingress(dp, bytes(acked))
+    assert ret == TC_ACT_REDIRECT and struct.unpack("!IIBB", out[58:68])[::3] == (777, 0x04)
+    assert ingress(dp, frame(CLIENT6, vip, 40109, dport, TCP, flags=0x04))[0] == TC_ACT_SHOT

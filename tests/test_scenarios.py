@@ -1,4 +1,4 @@
-"""The shared flow table (tests/scenarios.py) with real traffic, through ``kpr run
+"""The shared flow table (tests/scenarios.py), IPv4 and IPv6 rows, with real traffic, through ``kpr run
 --source file:`` with ``--interfaces``, ``--nodeport-addresses`` and
 ``--cluster-cidr``, once per datapath under test (``pytest --datapath X``)."""
 
@@ -30,10 +30,14 @@ class Node:
             return self.tb.node
         return self.tb.ext_ns if src == "ext" else self.tb.pods[src].ns  # type: ignore[return-value]
 
-    def source_ip(self, src: str) -> str:
-        if src == "node":
-            return scenarios.POD_LINK_IP  # the node's address on the pods' links
-        return scenarios.EXT_IP if src == "ext" else self.tb.pods[src].ip
+    def source_ip(self, src: str, ipv6: bool) -> str:
+        if src == "node":  # the node's address on the pods' links
+            ip = scenarios.POD_LINK_IP
+        elif src == "ext":
+            ip = scenarios.EXT_IP
+        else:
+            return self.tb.pods[src].ip6 if ipv6 else self.tb.pods[src].ip
+        return scenarios.v6(ip) if ipv6 else ip
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,8 @@ def node(datapath: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
                 tb.serve(name, scenarios.TARGET)
         tb.add_ext()
         manifest = tmp / "objects.yaml"
-        write_objects(str(manifest), scenarios.objects({n: p.ip for n, p in tb.pods.items()}))
+        write_objects(str(manifest), scenarios.objects({n: p.ip for n, p in tb.pods.items()},
+                                                       {n: p.ip6 for n, p in tb.pods.items()}))
         log = tmp / "kpr.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
@@ -77,7 +82,7 @@ def node(datapath: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
                 print(log.read_text())
 
 
-@pytest.mark.parametrize("flow", scenarios.FLOWS, ids=str)
+@pytest.mark.parametrize("flow", scenarios.FLOWS + scenarios.FLOWS6, ids=str)
 def test_flow(node: Node, flow: scenarios.Flow) -> None:
     ns = node.source_ns(flow.src)
     if isinstance(flow.expect, str):
@@ -88,6 +93,8 @@ def test_flow(node: Node, flow: scenarios.Flow) -> None:
     assert not any(a in (REJECT, DROP) for a in answers), f"{flow} ({flow.why}): {answers}"
     names = {a[0] for a in answers}
     assert names == flow.expect, f"{flow} ({flow.why}): answered by {sorted(names)}"
-    want = scenarios.NODE_IP if flow.masq else node.source_ip(flow.src)
+    ipv6 = ":" in flow.dst
+    node_ip = scenarios.v6(scenarios.NODE_IP) if ipv6 else scenarios.NODE_IP
+    want = node_ip if flow.masq else node.source_ip(flow.src, ipv6)
     seen = {a[1] for a in answers}
     assert seen == {want}, f"{flow} ({flow.why}): backends saw {seen}, want {want}"

@@ -268,11 +268,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         links.setdefault(a["interface"], []).append(a["direction"])
     print("attached: " + (", ".join(f"{k} ({'+'.join(v)})" for k, v in sorted(links.items()))
                           or "none in this network namespace"))
+    def hostport(ip: str, port: int) -> str:  # IPv6 in brackets, as in URLs
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
     rows = [("SERVICE", "FRONTEND", "BACKENDS")]
     for s in data["services"]:
         f = s["frontend"]
-        bes = ", ".join(f"{b['ip']}:{b['port']}" for b in s["backends"]) or "(none: dropped)"
-        rows.append((s["name"] or "-", f"{f['ip']}:{f['port']}/{f['protocol']}", bes))
+        bes = ", ".join(hostport(b["ip"], b["port"]) for b in s["backends"]) \
+            or "(none: dropped)"
+        rows.append((s["name"] or "-", f"{hostport(f['ip'], f['port'])}/{f['protocol']}", bes))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print()

@@ -2,7 +2,8 @@
 
 It builds a node with three backend pods and a client pod, starts an embedded API
 server (controller/fakeapi.py, the list/watch protocol of the real one) inside the
-node's namespace, creates a ClusterIP Service and its EndpointSlice there, and runs
+node's namespace, creates a dual-stack NodePort Service and its EndpointSlices (one
+per family) there, and runs
 the real ``kpr run --source kube`` inside the node's namespace, as the DaemonSet
 does. It then sends requests to the Service address from the client, prints how they
 spread, removes one endpoint live (an EndpointSlice update through the watch), shows
@@ -32,6 +33,7 @@ from controller.testbed import (
 )
 
 VIP = "10.96.0.10"
+VIP6 = "fd00:96::10"
 NODE_IP = "172.16.0.1"
 EXT_IP = "172.16.0.2"
 PORTS = [("http", 80, "TCP"), ("dns", 53, "UDP")]
@@ -107,25 +109,30 @@ def run_demo(requests: int = 60) -> int:
                   + ", ".join(f"{n} {tb.pods[n].ip}" for n in names)
                   + f"; client pod {client.ip}; external client {EXT_IP}")
             ips = [tb.pods[n].ip for n in names]
+            ips6 = [tb.pods[n].ip6 for n in names]
             in_netns(tb.node, api.start)
             with open(kubeconfig, "w") as f:
                 yaml.safe_dump(api.kubeconfig(), f)
             api.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
-            svc = service_obj("web", VIP, PORTS, type="NodePort")
+            svc = service_obj("web", VIP, PORTS, type="NodePort", ipFamilies=["IPv4", "IPv6"],
+                              ipFamilyPolicy="RequireDualStack")
+            svc["spec"]["clusterIPs"] = [VIP, VIP6]
             for p in svc["spec"]["ports"]:
                 p["nodePort"] = 30000 + p["port"]
             api.apply(svc)
             api.apply(_stamped(slice_obj("web", ips, TARGET)))
+            api.apply(_stamped(slice_obj("web", ips6, TARGET, name="web-v6",
+                                         address_type="IPv6")))
             print(f"API server {api.url} (in the node namespace); Service default/web: "
-                  f"NodePort, ClusterIP {VIP}, 80/TCP (node port 30080) and 53/UDP "
-                  f"(30053) -> 8080\n")
+                  f"NodePort, dual-stack ClusterIPs {VIP} and {VIP6}, 80/TCP (node port "
+                  f"30080) and 53/UDP (30053) -> 8080\n")
             log = open(os.path.join(workdir, "kpr.log"), "w")
             proc = subprocess.Popen(
                 kpr_argv(tb.node, "run", "--source", "kube", "--kubeconfig", kubeconfig,
                          "--hostname-override", "node-1",
                          "--interfaces", f"{tb.prefix}p*,{tb.prefix}x",
-                         "--cluster-cidr", "10.244.0.0/24", "--nodeport-addresses",
-                         "172.16.0.0/24",
+                         "--cluster-cidr", "10.244.0.0/24,fd00:244::/64",
+                         "--nodeport-addresses", "172.16.0.0/24,fd00:16::/64",
                          "--instance", instance, "--min-sync-period", "50ms"),
                 stdout=log, stderr=subprocess.STDOUT, text=True)
             _wait_backends(tb, instance, 3)
@@ -136,6 +143,8 @@ def run_demo(requests: int = 60) -> int:
             _bar(spread(client.ns, VIP, 80, requests), requests)
             print(f"{requests} UDP requests from client to {VIP}:53:")
             _bar(spread(client.ns, VIP, 53, requests, "udp"), requests)
+            print(f"{requests} TCP connections from client to [{VIP6}]:80 (IPv6):")
+            _bar(spread(client.ns, VIP6, 80, requests), requests)
             answer, src = udp_request(client.ns, VIP, 53)
             print(f"    (a UDP reply comes back from {src}; the backend saw the client as "
                   f"{answer.split()[1]})")
@@ -149,6 +158,8 @@ def run_demo(requests: int = 60) -> int:
 
             print("removing pod-b from the EndpointSlice (an update on the API server) ...")
             api.apply(_stamped(slice_obj("web", [ips[0], ips[2]], TARGET)))
+            api.apply(_stamped(slice_obj("web", [ips6[0], ips6[2]], TARGET, name="web-v6",
+                                         address_type="IPv6")))
             _wait_backends(tb, instance, 2)
             with open(os.path.join(workdir, "kpr.log")) as f:
                 synced = [ln.split(": ", 1)[1].strip() for ln in f if "partial sync" in ln]
@@ -157,6 +168,8 @@ def run_demo(requests: int = 60) -> int:
             _bar(spread(client.ns, VIP, 80, requests), requests)
             print(f"{requests} UDP requests from client to {VIP}:53:")
             _bar(spread(client.ns, VIP, 53, requests, "udp"), requests)
+            print(f"{requests} UDP requests from client to [{VIP6}]:53 (IPv6):")
+            _bar(spread(client.ns, VIP6, 53, requests, "udp"), requests)
 
             print("\n$ curl 127.0.0.1:10249/metrics   (excerpt)")
             metrics = _http(tb, "http://127.0.0.1:10249/metrics").split(" ", 1)[1]

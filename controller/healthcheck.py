@@ -14,12 +14,18 @@ each such port kpr listens and answers any path with kube-proxy's response:
 Servers are opened and closed as Services come and go; the sync loop feeds the
 servers the diff of each sync (the whole State on full syncs), so the work is
 proportional to what changed.
+
+Each port listens on both families with one socket (``::`` with IPV6_V6ONLY off),
+so load balancers probing a node's IPv4 or IPv6 address both get an answer; a node
+without IPv6 falls back to IPv4 only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +34,27 @@ from typing import Any
 from controller.model import Diff, Frontend, FrontendKind, ServiceEntry, State
 
 log = logging.getLogger(__name__)
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    """An HTTP server on an IPv6 socket that also accepts IPv4 (as ::ffff:a.b.c.d)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    if host != "::":
+        return ThreadingHTTPServer((host, port), handler)
+    try:
+        return _DualStackServer((host, port), handler)
+    except OSError as e:
+        if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        return ThreadingHTTPServer(("0.0.0.0", port), handler)  # IPv6 disabled
 
 
 class _Port:
@@ -57,7 +84,7 @@ class _Port:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _server(host, port, Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True, name=f"kpr-hc-{port}").start()
@@ -70,7 +97,7 @@ class _Port:
 class HealthCheckServers:
     """The set of healthCheckNodePort listeners, kept in step with the State."""
 
-    def __init__(self, host: str = "0.0.0.0",
+    def __init__(self, host: str = "::",
                  proxy_healthy: Callable[[], bool] = lambda: True,
                  on_error: Callable[[int, OSError], None] | None = None) -> None:
         self.host = host

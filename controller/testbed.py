@@ -410,7 +410,7 @@ def service_obj(name: str, cluster_ip: str, ports: list[tuple[str, int, str]],
 
 def slice_obj(service: str, endpoints: list[str | tuple[str, dict[str, bool]]],
               ports: list[tuple[str, int, str]], namespace: str = "default",
-              name: str | None = None) -> dict[str, Any]:
+              name: str | None = None, address_type: str = "IPv4") -> dict[str, Any]:
     """A discovery.k8s.io/v1 EndpointSlice; endpoints are IPs or (IP, conditions);
     ports are (name, port, protocol)."""
     eps = []
@@ -421,7 +421,7 @@ def slice_obj(service: str, endpoints: list[str | tuple[str, dict[str, bool]]],
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name or f"{service}-abcde", "namespace": namespace,
                      "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "endpoints": eps,
         "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
     }

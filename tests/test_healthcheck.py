@@ -29,11 +29,11 @@ pytestmark = pytest.mark.kernel
 HCNP = 32766
 
 
-def probe(ns: str, port: int) -> tuple[int, dict[str, Any], str] | None:
+def probe(ns: str, port: int, host: str = "127.0.0.1") -> tuple[int, dict[str, Any], str] | None:
     """(status, JSON body, endpoint-weight header), or None when nothing listens."""
     def go() -> tuple[int, dict[str, Any], str] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/anything", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{host}:{port}/anything", timeout=2) as r:
                 return r.status, json.loads(r.read()), r.headers["X-Load-Balancing-Endpoint-Weight"]
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read()), e.headers["X-Load-Balancing-Endpoint-Weight"]
@@ -72,6 +72,7 @@ def test_health_check_node_port_reports_local_endpoints(testbed: Testbed,
         assert code == 200 and weight == "2"
         assert body == {"service": {"namespace": "default", "name": "web"},
                         "localEndpoints": 2, "serviceProxyHealthy": True}
+        assert probe(tb.node, HCNP, "[::1]") == (code, body, weight)  # both families
         # Endpoints move to other nodes: 503, so the load balancer skips this node.
         write_objects(str(manifest), lb_objects(["node-2", "node-3"]))
         code, body, weight = wait_until(

@@ -87,7 +87,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from controller.config import ConfigError, split_bind
     from controller.datapaths.base import DatapathError
-    from controller.datapaths.ebpf.datapath import EbpfDatapath
     from controller.kernel import KernelHeadersError
     from controller.metrics import Metrics, ProxyHealth, health_server, metrics_server
     from controller.objects import Node
@@ -103,9 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.cleanup:
         # kube-proxy --cleanup: remove everything any mode installed, then exit.
         return _cleanup_all(cfg)
-    if cfg.mode not in ("ebpf", "auto"):
-        print(f"kpr run: mode {cfg.mode!r} is not available yet (ebpf and auto are)",
-              file=sys.stderr)
+    if cfg.mode not in IMPLEMENTED and cfg.mode != "auto":
+        print(f"kpr run: mode {cfg.mode!r} is not available yet "
+              f"({', '.join(IMPLEMENTED)} and auto are)", file=sys.stderr)
         return 2
     node_name = (cfg.hostname_override or socket.gethostname()).strip().lower()
 
@@ -120,17 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     node_info = NodeInfo(name=node_name, proxy_name=cfg.service_proxy_name)
     tracker = ChangeTracker(node_info)
-    dp = EbpfDatapath(_ebpf_config(cfg))
-    if cfg.mode == "auto":
-        probe = dp.probe()
-        if not probe.ok:
-            log.error("mode auto: the eBPF datapath cannot run here (%s) and no classic "
-                      "datapath is available yet", probe.reason)
-            return 1
+    dp = _select_datapath(cfg)
+    if dp is None:
+        return 1
+    _remove_other_datapaths(cfg, dp.name)
     try:
         dp.start()
     except (KernelHeadersError, DatapathError, OSError) as e:
-        log.error("cannot start the eBPF datapath: %s", e)
+        log.error("cannot start the %s datapath: %s", dp.name, e)
         return 1
     health = ProxyHealth(timeout=2 * cfg.sync_period)
     metrics = Metrics(tracker, dp, health)
@@ -217,10 +213,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+IMPLEMENTED = ("ebpf", "nftables")
+"""Datapaths this build has, in ``auto``'s order of preference."""
+AUTO_ORDER = ("ebpf", "nftables", "ipvs", "iptables")
+"""``datapath: auto`` probes in this order (DESIGN.md)."""
+
+
+def _make_datapath(cfg: Any, mode: str) -> Any:
+    if mode == "ebpf":
+        from controller.datapaths.ebpf.datapath import EbpfDatapath
+
+        return EbpfDatapath(_ebpf_config(cfg))
+    if mode == "nftables":
+        from controller.datapaths.nftables.datapath import NftablesConfig, NftablesDatapath
+
+        return NftablesDatapath(NftablesConfig(
+            nodeport_addresses=tuple(cfg.nodeport_addresses),
+            cluster_cidrs=tuple(cfg.cluster_cidrs), masquerade_all=cfg.masquerade_all,
+            masquerade_address=cfg.masquerade_address))
+    raise ValueError(f"datapath {mode!r} is not implemented")
+
+
+def _select_datapath(cfg: Any) -> Any:
+    """The configured datapath, or for ``auto`` the first whose probe passes (each
+    rejection logged with its reason). None when nothing can run."""
+    if cfg.mode != "auto":
+        dp = _make_datapath(cfg, cfg.mode)
+        probe = dp.probe()
+        if not probe.ok:
+            log.error("the %s datapath cannot run here: %s", cfg.mode, probe.reason)
+            return None
+        return dp
+    for mode in AUTO_ORDER:
+        if mode not in IMPLEMENTED:
+            log.info("mode auto: %s is not available in this build", mode)
+            continue
+        dp = _make_datapath(cfg, mode)
+        probe = dp.probe()
+        if probe.ok:
+            log.info("mode auto: chose %s (%s)", mode, probe.reason)
+            return dp
+        log.warning("mode auto: %s rejected: %s", mode, probe.reason)
+    log.error("mode auto: no datapath can run here")
+    return None
+
+
+def _remove_other_datapaths(cfg: Any, keep: str) -> None:
+    """Switching datapath leaves nothing of the previous one: remove what every other
+    datapath may have installed (in this network namespace and pin directory)."""
+    if keep != "ebpf":
+        from controller.datapaths.ebpf.datapath import cleanup as ebpf_cleanup
+
+        if ebpf_cleanup(Path(cfg.bpffs_root) / cfg.instance):
+            log.info("removed the eBPF datapath's filters and maps (switched to %s)", keep)
+    if keep != "nftables":
+        from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
+
+        if nft_cleanup():
+            log.info("removed the nftables datapath's tables (switched to %s)", keep)
+
+
 def _cleanup_all(cfg: Any) -> int:
     from controller.datapaths.ebpf.datapath import cleanup
+    from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
 
-    removed = cleanup(Path(cfg.bpffs_root))
+    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup()
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -304,6 +361,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             root.rmdir()  # the last instance is gone
     else:
         removed = cleanup(root)
+    from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
+
+    removed += nft_cleanup()  # the tables of this network namespace
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 

@@ -12,8 +12,8 @@ all names carry a unique prefix so several can coexist)::
 Every link is dual-stack. Pods are wired as a point-to-point CNI does it: a /32 and
 a /128 on the pod side, default routes via the gateways 169.254.1.1 and fd00:169::1
 (addresses on every node-side veth), and a /32 and a /128 route per pod on the node.
-The node's IPv6 default route points at the external link, so its primary IPv6
-address (the masquerade address) is fd00:16::1, as 172.16.0.1 is for IPv4.
+The node's default routes point at the external link, so its primary addresses
+(the masquerade addresses) are 172.16.0.1 and fd00:16::1.
 Duplicate address detection is off in every namespace, so addresses are usable at
 once. Checksum offload is off on every veth, so a receiver
 verifies checksums in software: a wrong incremental checksum update by the datapath
@@ -308,8 +308,13 @@ class Testbed:
     def __enter__(self) -> Testbed:
         try:
             self._ns(self.node)
+            # No ICMP rate limit on the node: readiness polls that hit a Service
+            # before it is programmed draw "unreachable" errors, and the per-host
+            # bucket they drain (6 messages, one more per second) would then
+            # swallow the port unreachable a REJECT check waits for.
             sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-               "net.ipv6.conf.all.forwarding=1")
+               "net.ipv6.conf.all.forwarding=1", "net.ipv4.icmp_ratelimit=0",
+               "net.ipv6.icmp.ratelimit=0")
         except BaseException:
             self.teardown()
             raise
@@ -370,6 +375,8 @@ class Testbed:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", "172.16.0.1")
         sh("ip", "-n", ns, "route", "add", "default", "via", "fd00:16::1")
+        # the node's default routes point out of its external link, as on a real node
+        sh("ip", "-n", self.node, "route", "add", "default", "via", "172.16.0.2")
         sh("ip", "-n", self.node, "route", "add", "default", "via", "fd00:16::2")
         self.ext_ns = ns
         return ns

@@ -21,8 +21,8 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_PIN_ROOT = Path("/sys/fs/bpf/kpr-test")
 
 
-DATAPATHS = ("ebpf",)
-"""Datapaths the shared flow table runs against (issue 5 adds the classic ones)."""
+DATAPATHS = ("ebpf", "nftables")
+"""Datapaths the shared flow table runs against (iptables and IPVS to come)."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,0 +1,116 @@
+"""The node's own network facts every datapath needs: its addresses, where NodePorts
+answer, the masquerade addresses, the cluster CIDRs and the namespace cookie.
+
+They are read from the kernel (rtnetlink, in the datapath's namespace). Both
+families are read alike; each has its own masquerade address (an IPv4 flow is
+masqueraded to an IPv4 node address, an IPv6 flow to an IPv6 one).
+
+``--nodeport-addresses`` follows kube-proxy: CIDRs select the node addresses in
+them; ``primary`` selects each family's primary address; empty selects every
+address (loopback and IPv6 link-local excluded, as kube-proxy's nftables mode does:
+a link-local address is ambiguous without its link).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from controller.model import IPAddress, IPNetwork
+
+SO_NETNS_COOKIE = 71  # Linux 5.14+, include/uapi/asm-generic/socket.h
+LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
+LINK_LOCAL = (ipaddress.IPv4Network("169.254.0.0/16"), ipaddress.IPv6Network("fe80::/10"))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeNet:
+    """The node as the datapaths see it."""
+
+    addresses: tuple[IPAddress, ...]
+    """Every address of the node except loopback and IPv6 link-local."""
+    nodeport: tuple[IPAddress, ...]
+    """The addresses NodePorts answer on."""
+    snat: tuple[IPAddress, ...]
+    """The masquerade addresses, at most one per family; a family without one is not
+    masqueraded (no usable address)."""
+    cluster_cidrs: tuple[IPNetwork, ...]
+    """detect-local: clients inside these are in-cluster."""
+    masquerade_all: bool
+    """masqueradeAll."""
+    netns_cookie: int
+    """The namespace's cookie (socket programs act only inside it)."""
+
+
+def _usable(ip: IPAddress) -> bool:
+    return not any(ip in n for n in LOOPBACK if n.version == ip.version)
+
+
+def _link_local(ip: IPAddress) -> bool:
+    return any(ip in n for n in LINK_LOCAL if n.version == ip.version)
+
+
+def _addresses(ipr: IPRoute) -> list[tuple[int, IPAddress]]:
+    out: list[tuple[int, IPAddress]] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_addr(family=family):
+            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not raw:
+                continue
+            ip = ipaddress.ip_address(raw)
+            if _usable(ip) and not (ip.version == 6 and _link_local(ip)):
+                out.append((msg["index"], ip))
+    return sorted(out, key=lambda x: (x[1].version, x[0], x[1].packed))
+
+
+def _primary(ipr: IPRoute, addrs: list[tuple[int, IPAddress]], version: int
+             ) -> IPAddress | None:
+    """The family's default route's preferred source, else the first address on its
+    link, else the family's first global address outside link-local."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    mine = [(idx, ip) for idx, ip in addrs if ip.version == version]
+    for r in ipr.get_default_routes(family=family):
+        src = r.get_attr("RTA_PREFSRC")
+        if src:
+            return ipaddress.ip_address(src)
+        oif = r.get_attr("RTA_OIF")
+        on_link = [ip for idx, ip in mine if idx == oif and not _link_local(ip)]
+        if on_link:
+            return on_link[0]
+    usable = [ip for _, ip in mine if not _link_local(ip)]
+    return usable[0] if usable else None
+
+
+def netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace (0 if unsupported)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                  "little")
+        except OSError:
+            return 0
+
+
+def discover(ipr: IPRoute, nodeport_addresses: Iterable[str],
+             cluster_cidrs: Iterable[IPNetwork], masquerade_all: bool,
+             masquerade_address: str, cookie: int) -> NodeNet:
+    addrs = _addresses(ipr)
+    primary = {v: _primary(ipr, addrs, v) for v in (4, 6)}
+    fixed = {ip.version: ip for ip in
+             (ipaddress.ip_address(a) for a in masquerade_address.split(",") if a)}
+    snat = tuple(ip for ip in (fixed.get(v) or primary[v] for v in (4, 6)) if ip is not None)
+    every = tuple(dict.fromkeys(ip for _, ip in addrs))
+    specs = list(nodeport_addresses)
+    if not specs:
+        nodeport = every
+    else:
+        nets = [ipaddress.ip_network(s) for s in specs if s != "primary"]
+        chosen = [ip for ip in every if any(ip in n for n in nets if n.version == ip.version)]
+        if "primary" in specs:
+            chosen += [ip for ip in primary.values() if ip is not None]
+        nodeport = tuple(dict.fromkeys(chosen))
+    return NodeNet(every, nodeport, snat, tuple(cluster_cidrs), masquerade_all, cookie)

@@ -4,14 +4,14 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 nftables iptables ethtool \
-	python3-venv python3-yaml
+	python3-venv python3-yaml python3-seccomp
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \

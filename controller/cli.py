@@ -122,7 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     dp = _select_datapath(cfg)
     if dp is None:
         return 1
-    _remove_other_datapaths(cfg, dp.name)
     try:
         dp.start()
     except (KernelHeadersError, DatapathError, OSError) as e:
@@ -145,8 +144,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     hc = HealthCheckServers(proxy_healthy=lambda: health.healthy()[0],
                             on_error=lambda port, e: metrics.hc_errors.inc())
+    switched = threading.Event()
+
+    def after_first_sync(_diff: Any, _state: Any) -> None:
+        # A datapath switch: the new datapath is programmed before the old one is
+        # removed, so new connections never meet an empty node. The two coexist
+        # meanwhile without conflict: whichever translates first (tc ingress runs
+        # before netfilter), the other sees a backend address and leaves it.
+        if not switched.is_set():
+            switched.set()
+            _remove_other_datapaths(cfg, dp.name)
+
     proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics,
-                      listeners=[hc.update])
+                      listeners=[hc.update, after_first_sync])
     runner = BoundedFrequencyRunner(proxier.sync, cfg.min_sync_period, cfg.sync_period,
                                     retry_interval=1.0)
 
@@ -293,12 +303,20 @@ def _status_data(args: argparse.Namespace) -> dict[str, Any]:
     data["attachments"] = [{"interface": a.ifname, "direction": a.direction, "filter": a.name}
                            for a in tc.list_attachments()]
     sizes = loader.sizes_from_pins(pin_dir) if pin_dir.exists() else None
-    if sizes is None:
-        data["datapath"] = None
-        return data
-    dp = EbpfDatapath(EbpfConfig(instance=args.instance, pin_root=Path(args.bpffs_root),
-                                 sizes=sizes))
-    dp.load()
+    dp: Any
+    if sizes is not None:
+        dp = EbpfDatapath(EbpfConfig(instance=args.instance, pin_root=Path(args.bpffs_root),
+                                     sizes=sizes))
+        dp.load()
+    else:
+        from controller.datapaths.nftables.datapath import NftablesConfig, NftablesDatapath
+
+        dp = NftablesDatapath(NftablesConfig())
+        if not dp.tables():
+            data["datapath"] = None
+            return data
+        data["datapath"] = "nftables"
+        data["pin_dir"] = ""
     for e in dp.dump().entries():
         data["services"].append({
             "name": e.name,
@@ -306,7 +324,8 @@ def _status_data(args: argparse.Namespace) -> dict[str, Any]:
                          "protocol": e.frontend.protocol.name},
             "backends": [{"ip": str(b.ip), "port": b.port} for b in e.backends],
         })
-    data["stats"] = dp.stats()
+    if sizes is not None:
+        data["stats"] = dp.stats()
     return data
 
 
@@ -317,14 +336,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         return 0
     if data["datapath"] is None:
-        print(f"nothing programmed: no pinned maps in {data['pin_dir']}")
+        print(f"nothing programmed: no pinned maps in {data['pin_dir']} and no kpr "
+              "nftables tables")
         return 0
-    print(f"datapath: ebpf   instance: {data['instance']}   maps: {data['pin_dir']}")
-    links: dict[str, list[str]] = {}
-    for a in data["attachments"]:
-        links.setdefault(a["interface"], []).append(a["direction"])
-    print("attached: " + (", ".join(f"{k} ({'+'.join(v)})" for k, v in sorted(links.items()))
-                          or "none in this network namespace"))
+    if data["datapath"] == "nftables":
+        print("datapath: nftables   tables: ip kpr, ip6 kpr")
+    else:
+        print(f"datapath: ebpf   instance: {data['instance']}   maps: {data['pin_dir']}")
+        links: dict[str, list[str]] = {}
+        for a in data["attachments"]:
+            links.setdefault(a["interface"], []).append(a["direction"])
+        print("attached: " + (", ".join(f"{k} ({'+'.join(v)})"
+                                        for k, v in sorted(links.items()))
+                              or "none in this network namespace"))
+
     def hostport(ip: str, port: int) -> str:  # IPv6 in brackets, as in URLs
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 

@@ -187,6 +187,25 @@ class _LinkUpdateAttr(ct.Structure):
                 ("flags", ct.c_uint32), ("old_prog_fd", ct.c_uint32)]
 
 
+class _MapCreateAttr(ct.Structure):
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("pad", ct.c_uint32 * 11)]
+
+
+def bpf_usable() -> str:
+    """"" when this process may use bpf() (it creates and closes a one-entry array
+    map), else why not: the syscall denied (seccomp, unprivileged, lockdown) or
+    missing."""
+    try:
+        fd = sys_bpf(0, _MapCreateAttr(map_type=2, key_size=4, value_size=4,  # MAP_CREATE,
+                                       max_entries=1))                        # ARRAY
+    except OSError as e:
+        return f"the bpf() syscall fails: {e.strerror} (errno {e.errno})"
+    os.close(fd)
+    return ""
+
+
 def obj_pin(fd: int, path: Path) -> None:
     """Pin a BPF object (map, program or link) at a bpffs path."""
     raw = ct.create_string_buffer(os.fsencode(str(path)))

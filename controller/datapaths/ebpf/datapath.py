@@ -105,6 +105,9 @@ class EbpfDatapath:
     # ----- protocol -------------------------------------------------------------------
 
     def probe(self) -> Probe:
+        denied = kernel.bpf_usable()
+        if denied:
+            return Probe(False, denied)
         try:
             h = kernel.resolve_headers()
         except kernel.KernelHeadersError as e:

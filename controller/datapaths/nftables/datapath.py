@@ -255,6 +255,10 @@ class NftablesDatapath:
         """The State ``dump()`` returns once ``state`` is programmed."""
         return State(canonical_entry(e) for e in state if not _unsupported(e))
 
+    def tables(self) -> list[str]:
+        """The families whose kpr table exists."""
+        return [fam for _, fam in FAMILIES if self._list(fam)]
+
     def dump(self) -> State:
         entries: list[ServiceEntry] = []
         for v, fam in FAMILIES:

@@ -340,10 +340,8 @@ def _parse_table(objs: list[dict[str, Any]], version: int) -> list[ServiceEntry]
             maps[o["map"]["name"]] = o["map"].get("elem", [])
 
     def backends_of(chain: str) -> tuple[Backend, ...]:
-        rules = chains.get(chain, [])
-        if not rules:
-            return ()
-        eps = [t for t in _targets(rules[-1]) if t.startswith("ep-")]
+        eps = list(dict.fromkeys(t for rule in chains.get(chain, []) for t in _targets(rule)
+                                 if t.startswith("ep-")))
         return tuple(b for b in (_dnat(chains.get(ep, [])) for ep in eps) if b is not None)
 
     out: list[ServiceEntry] = []

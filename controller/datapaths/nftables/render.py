@@ -10,7 +10,7 @@ kpr's own tables ``ip kpr`` and ``ip6 kpr`` (one per family, identical in shape)
     set cluster-cidrs      detect-local (--cluster-cidr of this family)
     chain services         the three lookups; jumped to from nat prerouting and output
     chain fe-<H>           one frontend: source ranges, masquerade marks, affinity,
-                           then ``numgen random mod N vmap`` over its endpoint chains
+                           then a random choice among its endpoint chains
     chain fe-<H>-c         external Local frontend: the cluster-wide twin (pods, node)
     chain ep-<H>-<B>       one endpoint of one frontend: hairpin mark, affinity
                            update, dnat
@@ -21,6 +21,18 @@ kpr's own tables ``ip kpr`` and ``ip6 kpr`` (one per family, identical in shape)
 A frontend without endpoints maps to ``goto reject-chain`` (REJECT), or ``drop``
 when it has endpoints on other nodes only (traffic policy Local), in the same
 maps, so a lookup is always one map access.
+
+Two departures from kube-proxy's layout keep a full sync linear in the number of
+Services. The kernel checks every jump, goto and verdict-map element for loops by
+walking every set of the table (nf_tables_check_loops, kernel 6.18), so a table with
+one anonymous ``numgen ... vmap`` per Service and a ``jump mark-for-masquerade`` per
+endpoint costs O(Services^2) to load: 41 s for 10,000 Services here. So:
+
+* the endpoint choice is a cascade, ``numgen random mod (N-i) == 0 goto ep_i`` for
+  i < N-1, then ``goto ep_N-1`` (iptables' statistic cascade; uniform, and O(N)
+  rule evaluations only for a connection's first packet);
+* the masquerade mark is set inline (``meta mark set mark or 0x4000``), not in a
+  jumped-to chain.
 
 Names are short stable hashes (H of the frontend, B of the backend), so a chain
 keeps its name across restarts and a partial sync touches only the chains and
@@ -48,6 +60,8 @@ from controller.model import (
 TABLE = "kpr"
 MASQ_MARK = 0x4000
 """The packet mark bit that asks nat-postrouting to masquerade (kube-proxy's)."""
+MARK = f"meta mark set mark or {MASQ_MARK:#x}"
+"""Mark for masquerade (inline: see the module docstring)."""
 NAME_MAX = 100
 """Bytes of the Service name kept in an element comment (nft allows 128)."""
 FLAGS_KEPT = (ServiceFlag.LOCAL_POLICY | ServiceFlag.AFFINITY | ServiceFlag.HAS_ENDPOINTS)
@@ -158,7 +172,7 @@ def render(e: ServiceEntry, node: Node) -> Rendered:
         ep = ep_chain(fe, b)
         if ep in r.chains:
             return ep
-        rules = [f"{a} saddr {addr(b.ip)} jump mark-for-masquerade"]  # hairpin
+        rules = [f"{a} saddr {addr(b.ip)} {MARK}"]  # hairpin
         if affinity:
             s = aff_set(ep, e.affinity_timeout)
             r.sets[s] = (f"type {addr_type(v)} ; flags dynamic,timeout ; "
@@ -172,11 +186,9 @@ def render(e: ServiceEntry, node: Node) -> Rendered:
         eps = [endpoint(b) for b in backends]
         rules = [f"{a} saddr @{aff_set(ep, e.affinity_timeout)} goto {ep}"
                  for ep in eps] if affinity else []
-        if len(eps) == 1:
-            rules.append(f"goto {eps[0]}")
-        else:
-            vmap = ", ".join(f"{i} : goto {ep}" for i, ep in enumerate(eps))
-            rules.append(f"numgen random mod {len(eps)} vmap {{ {vmap} }}")
+        n = len(eps)
+        rules += [f"numgen random mod {n - i} == 0 goto {ep}" for i, ep in enumerate(eps[:-1])]
+        rules.append(f"goto {eps[-1]}")
         return rules
 
     rules: list[str] = []
@@ -185,12 +197,12 @@ def render(e: ServiceEntry, node: Node) -> Rendered:
         if ranges:
             rules.append(f"{a} saddr != {{ {', '.join(map(str, ranges))} }} drop")
     if node.masquerade_all:
-        rules.append("jump mark-for-masquerade")
+        rules.append(MARK)
     if not external:
         if not node.masquerade_all and node.has_cidrs(v):
-            rules.append(f"{a} saddr != @cluster-cidrs jump mark-for-masquerade")
+            rules.append(f"{a} saddr != @cluster-cidrs {MARK}")
     elif not local:
-        rules.append("jump mark-for-masquerade")
+        rules.append(MARK)
     else:
         # kube-proxy's external chain for Local policy: pods and the node itself use
         # every endpoint (the node masqueraded); other clients the local ones only.
@@ -199,7 +211,7 @@ def render(e: ServiceEntry, node: Node) -> Rendered:
             r.chains[twin] = tuple(balance(cluster))
             if node.has_cidrs(v):
                 rules.append(f"{a} saddr @cluster-cidrs goto {twin}")
-            rules.append("fib saddr type local jump mark-for-masquerade")
+            rules.append(f"fib saddr type local {MARK}")
             rules.append(f"fib saddr type local goto {twin}")
     rules += balance(tuple(Backend(b.ip, b.port) for b in e.backends)) if e.backends \
         else ["drop"]
@@ -229,8 +241,6 @@ def base(fam: str, version: int, node: Node, nodeport_ips: tuple[IPAddress, ...]
         f"add set {t} cluster-cidrs {{ type {at} ; flags interval ; }}",
         f"add map {t} service-ips {{ type {at} . inet_proto . inet_service : verdict ; }}",
         f"add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; }}",
-        f"add chain {t} mark-for-masquerade",
-        f"add rule {t} mark-for-masquerade meta mark set mark or {MASQ_MARK:#x}",
         f"add chain {t} reject-chain",
         *(f"add rule {t} reject-chain {r}" for r in reject),
         f"add chain {t} services",

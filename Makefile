@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 nftables iptables ethtool \
-	python3-venv python3-yaml python3-seccomp
+	python3-venv python3-yaml python3-seccomp conntrack
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test clean

@@ -161,3 +161,36 @@ def test_udp_flow_moves_when_its_backend_goes(testbed: Testbed, vip: str) -> Non
     assert names[0] not in names[3:]  # moved, no datagram lost (recv would time out)
     assert len(set(names[3:])) == 1
     cleanup(tb.node)
+
+
+def test_node_address_changes_reach_the_nodeport_set_at_once(netns: str) -> None:
+    from controller.testbed import wait_until
+
+    d = NftablesDatapath(NftablesConfig(netns=netns))
+    d.start()
+    try:
+        d.sync(State([rich_entry(2, [1], 2), rich_entry(3, [1], 2)]), None)  # NodePorts
+
+        def nodeport_ips() -> str:
+            return "".join(sh("nsenter", f"--net=/run/netns/{netns}", "nft", "list", "set",
+                              fam, "kpr", "nodeport-ips").stdout for fam in ("ip", "ip6"))
+
+        def postrouting() -> str:
+            return sh("nsenter", f"--net=/run/netns/{netns}", "nft", "list", "chain", "ip",
+                      "kpr", "nat-postrouting").stdout
+        # a veth pair: this kernel has no dummy driver (no loadable modules)
+        sh("ip", "-n", netns, "link", "add", "kprdummy0", "type", "veth", "peer", "name",
+           "kprdummy1")
+        sh("ip", "-n", netns, "link", "set", "kprdummy0", "up")
+        sh("ip", "-n", netns, "addr", "add", "192.168.77.1/24", "dev", "kprdummy0")
+        sh("ip", "-n", netns, "addr", "add", "fd00:77::1/64", "dev", "kprdummy0", "nodad")
+        wait_until(lambda: "192.168.77.1" in nodeport_ips() and "fd00:77::1" in nodeport_ips(),
+                   timeout=10)
+        assert "snat to 192.168.77.1" in postrouting()  # the only address: the primary
+        sh("ip", "-n", netns, "addr", "del", "192.168.77.1/24", "dev", "kprdummy0")
+        wait_until(lambda: "192.168.77.1" not in nodeport_ips(), timeout=10)
+        assert "masquerade" in postrouting()  # no IPv4 address left to SNAT to
+        assert d.dump() == d.canonical([rich_entry(2, [1], 2), rich_entry(3, [1], 2)])
+    finally:
+        d.cleanup()
+        sh("ip", "-n", netns, "link", "del", "kprdummy0", check=False)

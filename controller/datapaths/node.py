@@ -14,13 +14,20 @@ a link-local address is ambiguous without its link).
 from __future__ import annotations
 
 import ipaddress
+import logging
+import select
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
 from controller.model import IPAddress, IPNetwork
+
+log = logging.getLogger(__name__)
+RTMGRP_IPV4_IFADDR = 0x10  # include/uapi/linux/rtnetlink.h
+RTMGRP_IPV6_IFADDR = 0x100
 
 SO_NETNS_COOKIE = 71  # Linux 5.14+, include/uapi/asm-generic/socket.h
 LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
@@ -114,3 +121,50 @@ def discover(ipr: IPRoute, nodeport_addresses: Iterable[str],
             chosen += [ip for ip in primary.values() if ip is not None]
         nodeport = tuple(dict.fromkeys(chosen))
     return NodeNet(every, nodeport, snat, tuple(cluster_cidrs), masquerade_all, cookie)
+
+
+class AddressWatcher:
+    """Calls ``on_change`` (from its own thread) whenever an address of either family
+    is added to or removed from the namespace, a burst of events once."""
+
+    def __init__(self, on_change: Callable[[], None], netns: str | None = None) -> None:
+        self.on_change = on_change
+        self.netns = netns
+        self._stop = threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
+                                        name="kpr-addresses")
+        self._thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        if self.netns:
+            from controller.datapaths.ebpf.tc import setns_thread
+
+            setns_thread(self.netns)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            ready.set()
+            while not self._stop.is_set():
+                r, _, _ = select.select([sock], [], [], 0.5)
+                if not r:
+                    continue
+                try:
+                    while sock.recv(65536, socket.MSG_DONTWAIT):
+                        pass
+                except BlockingIOError:
+                    pass
+                except OSError as e:  # ENOBUFS: events lost; we re-read everything anyway
+                    log.debug("address events: %s", e)
+                try:
+                    self.on_change()
+                except Exception:  # noqa: BLE001 - keep watching
+                    log.exception("handling an address change failed")
+        finally:
+            sock.close()
+            ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

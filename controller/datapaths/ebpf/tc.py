@@ -43,6 +43,7 @@ HANDLE = 1
 NAME_PREFIX = "kpr/"
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
 CLONE_NEWNET = 0x40000000
 
 
@@ -245,7 +246,7 @@ class TcAttacher:
             setns_thread(self.netns)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
-            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             ready.set()
             last = time.monotonic()
             while not self._stop.is_set():

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,9 @@ class NftablesDatapath:
         self._vips: dict[Any, int] = {}  # ClusterIP -> entries using it
         self.unprogrammed: dict[Frontend, str] = {}
         """Frontends skipped, with the reason (exported as a metric)."""
+        self._lock = threading.Lock()  # syncs and address changes (watcher thread)
+        self._addrs: Any = None  # (nodeport, snat) last written; None: no tables yet
+        self._watcher: Any = None
 
     # ----- running nft ----------------------------------------------------------------
 
@@ -165,7 +169,32 @@ class NftablesDatapath:
         return Probe(True, f"nft {m.group(0)}, kernel {rel}")
 
     def start(self) -> None:
-        """Nothing to attach: the first (full) sync creates the tables."""
+        """Watch the node's addresses; the first (full) sync creates the tables."""
+        from controller.datapaths.node import AddressWatcher
+
+        if self._watcher is None:
+            self._watcher = AddressWatcher(self.refresh_node, self.cfg.netns)
+
+    def refresh_node(self) -> None:
+        """Rewrite the NodePort addresses and the masquerade rule if the node's
+        addresses changed (one small transaction; services are untouched)."""
+        with self._lock:
+            if self._addrs is None:
+                return
+            try:
+                facts = self._node_facts()
+                if facts == self._addrs:
+                    return
+                nodeport, snat = facts
+                self._run([c for v, fam in FAMILIES
+                           for c in render.addresses(fam, nodeport[v], snat.get(v))])
+            except (DatapathError, OSError) as e:
+                log.warning("nftables datapath: updating node addresses failed: %s", e)
+                return
+            self._addrs = facts
+            log.info("node addresses changed: NodePorts on %s; masquerading as %s",
+                     ",".join(str(ip) for v in (4, 6) for ip in nodeport[v]) or "-",
+                     ",".join(map(str, snat.values())) or "- (off)")
 
     def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
         from controller.datapaths.ebpf.tc import open_ipr
@@ -204,8 +233,12 @@ class NftablesDatapath:
             self._vips[ip] = n
 
     def sync(self, state: State, diff: Diff | None) -> SyncResult:
-        if diff is None:
-            return self._full(state)
+        with self._lock:
+            if diff is None:
+                return self._full(state)
+            return self._partial(diff)
+
+    def _partial(self, diff: Diff) -> SyncResult:
         out: list[str] = []
         shadow = dict(self._shadow)
         vips = dict(self._vips)
@@ -268,7 +301,8 @@ class NftablesDatapath:
                 log.warning("conntrack -D for %s (%s) failed: %s", b, f, p.stderr.strip())
 
     def _full(self, state: State) -> SyncResult:
-        nodeport, snat = self._node_facts()
+        facts = self._node_facts()
+        nodeport, snat = facts
         out: list[str] = []
         for v, fam in FAMILIES:
             out += [f"add table {fam} {render.TABLE}", f"delete table {fam} {render.TABLE}"]
@@ -294,6 +328,7 @@ class NftablesDatapath:
             raise DatapathError(str(e)) from e
         self._shadow = shadow
         self._udp = udp
+        self._addrs = facts
         return SyncResult(full=True, ops=len(out), frontends=len(shadow))
 
     def canonical(self, state: Iterable[ServiceEntry]) -> State:
@@ -311,9 +346,12 @@ class NftablesDatapath:
         return State(entries)
 
     def close(self) -> None:
-        pass
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
     def cleanup(self) -> None:
+        self.close()
         cleanup(self.cfg.netns)
 
 

@@ -255,14 +255,25 @@ def base(fam: str, version: int, node: Node, nodeport_ips: tuple[IPAddress, ...]
         f"add rule {t} nat-output jump services",
         f"add chain {t} nat-postrouting {{ type nat hook postrouting priority srcnat ; "
         f"policy accept ; }}",
+    ]
+    cidrs = [str(n) for n in node.cluster_cidrs if n.version == version]
+    if cidrs:
+        out.append(f"add element {t} cluster-cidrs {{ {', '.join(cidrs)} }}")
+    return out + addresses(fam, nodeport_ips, snat, fresh=True)
+
+
+def addresses(fam: str, nodeport_ips: tuple[IPAddress, ...], snat: IPAddress | None,
+              fresh: bool = False) -> list[str]:
+    """The objects that follow the node's addresses: the NodePort addresses and the
+    masquerade rule. ``fresh=False`` replaces what a previous call wrote."""
+    t = f"{fam} {TABLE}"
+    out = [] if fresh else [f"flush set {t} nodeport-ips", f"flush chain {t} nat-postrouting"]
+    out += [
         f"add rule {t} nat-postrouting meta mark & {MASQ_MARK:#x} == 0 return",
         f"add rule {t} nat-postrouting meta mark set mark xor {MASQ_MARK:#x}",
         f"add rule {t} nat-postrouting " + (f"snat to {snat} fully-random" if snat
                                              else "masquerade fully-random"),
     ]
-    cidrs = [str(n) for n in node.cluster_cidrs if n.version == version]
-    if cidrs:
-        out.append(f"add element {t} cluster-cidrs {{ {', '.join(cidrs)} }}")
     if nodeport_ips:
         out.append(f"add element {t} nodeport-ips {{ {', '.join(map(str, nodeport_ips))} }}")
     return out

@@ -46,7 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from controller.datapaths.ebpf.tc import in_netns, setns_thread
+from controller.netns import in_netns, setns_thread
 
 T = TypeVar("T")
 GATEWAY = "169.254.1.1"

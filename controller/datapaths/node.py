@@ -139,7 +139,7 @@ class AddressWatcher:
 
     def _run(self, ready: threading.Event) -> None:
         if self.netns:
-            from controller.datapaths.ebpf.tc import setns_thread
+            from controller.netns import setns_thread
 
             setns_thread(self.netns)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)

@@ -37,6 +37,7 @@ from controller.datapaths.ebpf.maps import (
     records,
 )
 from controller.model import Diff, Frontend, IPNetwork, Protocol, ServiceEntry, State
+from controller.netns import in_netns, open_ipr
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class EbpfDatapath:
         self.maps = ServiceMaps(self.bpf, self.cfg.sizes.maglev_size)
         self.node_maps = nodenet.NodeMaps(self.bpf)
         if self.cfg.netns:
-            self._cookie = tc.in_netns(self.cfg.netns, nodenet.netns_cookie)
+            self._cookie = in_netns(self.cfg.netns, nodenet.netns_cookie)
         else:
             self._cookie = nodenet.netns_cookie()
         log.info("eBPF programs loaded; maps pinned in %s", self.cfg.pin_dir)
@@ -163,7 +164,7 @@ class EbpfDatapath:
         if self.node_maps is None:
             return
         try:
-            with tc.open_ipr(self.cfg.netns) as ipr:
+            with open_ipr(self.cfg.netns) as ipr:
                 net = nodenet.discover(ipr, self.cfg.nodeport_addresses, self.cfg.cluster_cidrs,
                                        self.cfg.masquerade_all, self.cfg.masquerade_address,
                                        self._cookie)

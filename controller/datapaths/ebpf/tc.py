@@ -16,25 +16,22 @@ qdisc if no filter of anyone else's is left on it.
 
 from __future__ import annotations
 
-import ctypes as ct
 import fnmatch
 import logging
-import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from controller.netns import open_ipr, setns_thread
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
@@ -44,7 +41,6 @@ NAME_PREFIX = "kpr/"
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
-CLONE_NEWNET = 0x40000000
 
 
 def parse_patterns(spec: str) -> list[str]:
@@ -57,43 +53,6 @@ def parse_patterns(spec: str) -> list[str]:
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-@contextmanager
-def open_ipr(netns: str | None) -> Iterator[IPRoute]:
-    """An rtnetlink socket in the named namespace (None: the process's own)."""
-    sock = IPRoute(netns=netns) if netns else IPRoute()
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
-def setns_thread(netns: str) -> None:
-    """Move the calling thread (only) into a named network namespace."""
-    libc = ct.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            e = ct.get_errno()
-            raise OSError(e, f"setns({netns}): {os.strerror(e)}")
-    finally:
-        os.close(fd)
-
-
-def in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
-    """Run ``fn(*args)`` in a fresh thread inside namespace ``ns``; return its result."""
-    fut: Future[T] = Future()
-
-    def target() -> None:
-        try:
-            setns_thread(ns)
-            fut.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            fut.set_exception(e)
-
-    threading.Thread(target=target, daemon=True).start()
-    return fut.result(timeout)
 
 
 @dataclass(frozen=True, slots=True)

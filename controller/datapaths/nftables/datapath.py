@@ -197,8 +197,8 @@ class NftablesDatapath:
                      ",".join(map(str, snat.values())) or "- (off)")
 
     def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
-        from controller.datapaths.ebpf.tc import open_ipr
         from controller.datapaths.node import discover
+        from controller.netns import open_ipr
 
         with open_ipr(self.cfg.netns) as ipr:
             net = discover(ipr, self.cfg.nodeport_addresses, self.cfg.cluster_cidrs,

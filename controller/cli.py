@@ -67,7 +67,7 @@ def _load_config(args: argparse.Namespace) -> Any:
         "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
         "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
         "instance", "bpffs_root", "poll_interval", "lb_algorithm", "maglev_table_size",
-        "masquerade_address", "cgroup_root")}
+        "masquerade_address", "cgroup_root", "iptables_backend")}
     raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
     raw["masquerade_all"] = True if args.masquerade_all else None
     overrides = config.flag_overrides(**raw)
@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-IMPLEMENTED = ("ebpf", "nftables")
+IMPLEMENTED = ("ebpf", "nftables", "iptables")
 """Datapaths this build has, in ``auto``'s order of preference."""
 AUTO_ORDER = ("ebpf", "nftables", "ipvs", "iptables")
 """``datapath: auto`` probes in this order (DESIGN.md)."""
@@ -238,6 +238,14 @@ def _make_datapath(cfg: Any, mode: str) -> Any:
         from controller.datapaths.nftables.datapath import NftablesConfig, NftablesDatapath
 
         return NftablesDatapath(NftablesConfig(
+            nodeport_addresses=tuple(cfg.nodeport_addresses),
+            cluster_cidrs=tuple(cfg.cluster_cidrs), masquerade_all=cfg.masquerade_all,
+            masquerade_address=cfg.masquerade_address))
+    if mode == "iptables":
+        from controller.datapaths.iptables.datapath import IptablesConfig, IptablesDatapath
+
+        return IptablesDatapath(IptablesConfig(
+            backend=cfg.iptables_backend,
             nodeport_addresses=tuple(cfg.nodeport_addresses),
             cluster_cidrs=tuple(cfg.cluster_cidrs), masquerade_all=cfg.masquerade_all,
             masquerade_address=cfg.masquerade_address))
@@ -281,13 +289,19 @@ def _remove_other_datapaths(cfg: Any, keep: str) -> None:
 
         if nft_cleanup():
             log.info("removed the nftables datapath's tables (switched to %s)", keep)
+    if keep != "iptables":
+        from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
+
+        if ipt_cleanup():
+            log.info("removed the iptables datapath's chains (switched to %s)", keep)
 
 
 def _cleanup_all(cfg: Any) -> int:
     from controller.datapaths.ebpf.datapath import cleanup
+    from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
     from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
 
-    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup()
+    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup() + ipt_cleanup()
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -311,11 +325,21 @@ def _status_data(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from controller.datapaths.nftables.datapath import NftablesConfig, NftablesDatapath
 
+        from controller.datapaths.iptables.datapath import IptablesConfig, IptablesDatapath
+
         dp = NftablesDatapath(NftablesConfig())
-        if not dp.tables():
-            data["datapath"] = None
-            return data
-        data["datapath"] = "nftables"
+        if dp.tables():
+            data["datapath"] = "nftables"
+        else:
+            for backend in ("nft", "legacy"):
+                dp = IptablesDatapath(IptablesConfig(backend=backend))
+                if dp.probe().ok and dp.chains():
+                    data["datapath"] = "iptables"
+                    data["iptables_backend"] = backend
+                    break
+            else:
+                data["datapath"] = None
+                return data
         data["pin_dir"] = ""
     for e in dp.dump().entries():
         data["services"].append({
@@ -336,11 +360,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         return 0
     if data["datapath"] is None:
-        print(f"nothing programmed: no pinned maps in {data['pin_dir']} and no kpr "
-              "nftables tables")
+        print(f"nothing programmed: no pinned maps in {data['pin_dir']}, no kpr "
+              "nftables tables and no KPR iptables chains")
         return 0
     if data["datapath"] == "nftables":
         print("datapath: nftables   tables: ip kpr, ip6 kpr")
+    elif data["datapath"] == "iptables":
+        print(f"datapath: iptables ({data['iptables_backend']})   chains: KPR-* in the nat "
+              "and filter tables")
     else:
         print(f"datapath: ebpf   instance: {data['instance']}   maps: {data['pin_dir']}")
         links: dict[str, list[str]] = {}
@@ -388,7 +415,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         removed = cleanup(root)
     from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
 
-    removed += nft_cleanup()  # the tables of this network namespace
+    from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
+
+    removed += nft_cleanup() + ipt_cleanup()  # the tables of this network namespace
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -422,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
     r.add_argument("--master", help="API server URL (overrides the kubeconfig's)")
     r.add_argument("--proxy-mode", "--datapath", dest="mode",
-                   help="ebpf (default) or auto")
+                   help="ebpf (default), nftables, iptables or auto")
+    r.add_argument("--iptables-backend", help="for --proxy-mode iptables: nft, legacy or "
+                   "auto (default: what the iptables command is)")
     r.add_argument("--interfaces",
                    help="comma-separated link names and globs to attach to, e.g. 'eth0,veth*'")
     r.add_argument("--instance", help="instance name: pin directory and filter names")

@@ -118,6 +118,9 @@ class ProxyConfig:
     cgroup_root: str = "auto"
     """kpr.cgroupRoot / --cgroup-root: the cgroup v2 directory the socket programs
     attach to (host traffic to Services); "auto": the cgroup v2 mount; "none": off."""
+    iptables_backend: str = "auto"
+    """kpr.iptablesBackend / --iptables-backend: nft, legacy, or auto (what the
+    ``iptables`` command is); for the iptables datapath."""
     masquerade_address: str = ""
     """kpr.masqueradeAddress / --masquerade-address: the node addresses masqueraded
     traffic leaves with, at most one per family, comma-separated; a family without
@@ -303,7 +306,14 @@ def _masq_addresses(value: Any, where: str) -> str:
     return ",".join(str(ip) for ip in sorted(ips, key=lambda ip: ip.version))
 
 
+def _iptables_backend(value: Any, where: str) -> str:
+    if value not in ("auto", "nft", "legacy"):
+        raise ConfigError(f"{where}: must be auto, nft or legacy, got {value!r}")
+    return str(value)
+
+
 _KPR: dict[str, tuple[str, Any]] = {
+    "iptablesBackend": ("iptables_backend", _iptables_backend),
     "cgroupRoot": ("cgroup_root", _str),
     "loadBalancing": ("lb_algorithm", _lb_algorithm),
     "maglevTableSize": ("maglev_table_size", _maglev_size),
@@ -459,6 +469,7 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "maglev_table_size": ("--maglev-table-size", _maglev_size),
         "masquerade_address": ("--masquerade-address", _masq_addresses),
         "cgroup_root": ("--cgroup-root", _str),
+        "iptables_backend": ("--iptables-backend", _iptables_backend),
     }
     for k, v in raw.items():
         if v is None:

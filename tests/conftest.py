@@ -21,8 +21,18 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_PIN_ROOT = Path("/sys/fs/bpf/kpr-test")
 
 
-DATAPATHS = ("ebpf", "nftables")
-"""Datapaths the shared flow table runs against (iptables and IPVS to come)."""
+DATAPATHS = ("ebpf", "nftables", "iptables", "iptables-legacy")
+"""Datapaths the shared flow table runs against here (iptables: its nft back end;
+IPVS runs in a VM, tests/test_ipvs_vm.py)."""
+
+
+def datapath_flags(datapath: str) -> list[str]:
+    """The ``kpr run`` flags that select a datapath of DATAPATHS."""
+    if datapath.startswith("iptables-"):
+        return ["--proxy-mode", "iptables", "--iptables-backend", datapath.split("-", 1)[1]]
+    if datapath == "iptables":
+        return ["--proxy-mode", "iptables", "--iptables-backend", "nft"]
+    return ["--proxy-mode", datapath]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

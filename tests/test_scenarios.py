@@ -13,7 +13,7 @@ import pytest
 
 from controller.testbed import DROP, REJECT, Testbed, kpr_argv, probe, wait_until, write_objects
 from tests import scenarios
-from tests.conftest import TEST_PIN_ROOT
+from tests.conftest import TEST_PIN_ROOT, datapath_flags
 
 pytestmark = pytest.mark.kernel
 TRIES = 16  # per backend-set row: two backends are both seen with p > 1 - 2^-15
@@ -55,7 +55,7 @@ def node(datapath: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         log = tmp / "kpr.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                kpr_argv(tb.node, "run", "--proxy-mode", datapath,
+                kpr_argv(tb.node, "run", *datapath_flags(datapath),
                          "--source", f"file:{manifest}",
                          "--interfaces", f"{tb.prefix}p*,{tb.prefix}x",
                          "--nodeport-addresses", scenarios.NODEPORT_CIDR,

@@ -18,11 +18,8 @@ shadow is no longer trusted: the next sync must be a full one (DatapathError).
 from the dnat statements of the endpoint chains, source ranges from the drop
 rule, the rest from each element's comment.
 
-Stale UDP flows: netfilter keeps translating a UDP flow to the endpoint its first
-packet chose for as long as the conntrack entry lives, even after the endpoint is
-gone. As kube-proxy does, a sync that removes a UDP endpoint from a frontend then
-deletes those entries (``conntrack -D``), so the flow's next datagram is balanced
-again to a live endpoint.
+A sync that removes a UDP endpoint deletes its flows from conntrack
+(controller/datapaths/flows.py), so they move to a live endpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.datapaths.base import DatapathError, Probe, SyncResult
+from controller.datapaths.flows import UdpFlows
 from controller.datapaths.nftables import render
 from controller.model import (
     Backend,
@@ -110,7 +108,7 @@ class NftablesDatapath:
         self.cfg = cfg
         self.node = render.Node(tuple(cfg.cluster_cidrs), cfg.masquerade_all)
         self._shadow: dict[Frontend, render.Rendered] = {}
-        self._udp: dict[Frontend, tuple[Backend, ...]] = {}  # programmed UDP endpoints
+        self._flows = UdpFlows(cfg.netns)
         self._vips: dict[Any, int] = {}  # ClusterIP -> entries using it
         self.unprogrammed: dict[Frontend, str] = {}
         """Frontends skipped, with the reason (exported as a metric)."""
@@ -264,41 +262,8 @@ class NftablesDatapath:
             self._vips = vips
             raise DatapathError(str(e)) from e
         self._shadow = shadow
-        stale: list[tuple[Frontend, Backend]] = []
-        for f, e in changes:
-            if f.protocol != Protocol.UDP:
-                continue
-            now = set(self._udp_backends(e)) if e is not None else set()
-            stale += [(f, b) for b in self._udp.get(f, ()) if b not in now]
-            if e is None or not now:
-                self._udp.pop(f, None)
-            else:
-                self._udp[f] = tuple(now)
-        self._forget_flows(stale)
+        self._flows.changed(changes)
         return SyncResult(full=False, ops=len(out), frontends=len(self._shadow))
-
-    @staticmethod
-    def _udp_backends(e: ServiceEntry) -> tuple[Backend, ...]:
-        return tuple(Backend(b.ip, b.port) for b in e.backends + e.cluster_backends)
-
-    def _forget_flows(self, stale: list[tuple[Frontend, Backend]]) -> None:
-        """Delete the conntrack entries of UDP flows to endpoints a frontend lost."""
-        for f, b in stale:
-            argv = ["conntrack", "-D", "-f", "ipv4" if b.ip.version == 4 else "ipv6",
-                    "-p", "udp", "--orig-port-dst", str(f.port), "--reply-src", str(b.ip),
-                    "--reply-port-src", str(b.port)]
-            if not f.ip.is_unspecified:  # a NodePort's flows went to any node address
-                argv += ["--orig-dst", str(f.ip)]
-            if self.cfg.netns:
-                argv[:0] = ["nsenter", f"--net=/run/netns/{self.cfg.netns}"]
-            try:
-                # exit status 1 with "0 flow entries": there was nothing to delete
-                p = subprocess.run(argv, capture_output=True, text=True)
-            except OSError as e:
-                log.warning("cannot clear stale UDP flows to %s (%s): %s", b, f, e)
-                return
-            if p.returncode not in (0, 1):
-                log.warning("conntrack -D for %s (%s) failed: %s", b, f, p.stderr.strip())
 
     def _full(self, state: State) -> SyncResult:
         facts = self._node_facts()
@@ -308,7 +273,6 @@ class NftablesDatapath:
             out += [f"add table {fam} {render.TABLE}", f"delete table {fam} {render.TABLE}"]
             out += render.base(fam, v, self.node, nodeport[v], snat.get(v))
         shadow: dict[Frontend, render.Rendered] = {}
-        udp: dict[Frontend, tuple[Backend, ...]] = {}
         self._vips = {}
         self.unprogrammed = {}
         for e in state.values():
@@ -318,8 +282,6 @@ class NftablesDatapath:
             shadow[e.frontend] = r
             self._vip_ref(r, +1, out)
             out += render.create(r)
-            if e.frontend.protocol == Protocol.UDP and self._udp_backends(e):
-                udp[e.frontend] = self._udp_backends(e)
         self._shadow = {}
         try:
             self._run(out)
@@ -327,7 +289,7 @@ class NftablesDatapath:
             self._vips = {}
             raise DatapathError(str(e)) from e
         self._shadow = shadow
-        self._udp = udp
+        self._flows.reset(state.values())
         self._addrs = facts
         return SyncResult(full=True, ops=len(out), frontends=len(shadow))
 

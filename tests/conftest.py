@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
-from controller.testbed import Testbed
+from controller.testbed import Testbed, sh
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_PIN_ROOT = Path("/sys/fs/bpf/kpr-test")
@@ -64,6 +64,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def testbed() -> Iterator[Testbed]:
     with Testbed() as tb:
         yield tb
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """An empty network namespace of this test's own, always removed."""
+    ns = f"kprt{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", ns)
+    try:
+        yield ns
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
 
 
 def new_datapath(interfaces: list[str] | None = None, netns: str | None = None,

@@ -1,14 +1,12 @@
 """The nftables writer against real tables in a network namespace: what it reads
-back, partial syncs against full ones, failure recovery, and stale UDP flows.
-(The rest of the traffic through it is the shared flow table's,
-tests/test_scenarios.py.)"""
+back, partial syncs against full ones, failure recovery. (Traffic through it is
+the shared flow table's, tests/test_scenarios.py, and tests/test_classic.py's.)"""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import secrets
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +17,8 @@ from hypothesis import strategies as st
 
 from controller.datapaths.base import DatapathError
 from controller.datapaths.nftables.datapath import NftablesConfig, NftablesDatapath, cleanup
-from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, State
-from controller.testbed import Testbed, in_netns, sh
+from controller.model import Diff, State
+from controller.testbed import sh
 from tests.shapes import rich_entry, states
 
 pytestmark = pytest.mark.kernel
@@ -122,75 +120,3 @@ def test_cleanup_removes_both_tables(netns: str) -> None:
     out = sh("nsenter", f"--net=/run/netns/{netns}", "nft", "list", "tables").stdout
     assert "kpr" not in out
     assert cleanup(netns) == 0
-
-
-@pytest.mark.parametrize("vip", ["10.96.0.10", "fd00:96::10"])
-def test_udp_flow_moves_when_its_backend_goes(testbed: Testbed, vip: str) -> None:
-    """netfilter would keep sending a UDP flow to its first endpoint for as long as
-    its conntrack entry lives; the sync that removes the endpoint deletes it."""
-    tb = testbed
-    for n in "abc":
-        tb.add_pod(n)
-        tb.serve(n, 8080)
-    tb.add_pod("client")
-    v6 = ":" in vip
-    ip = {n: tb.pods[n].ip6 if v6 else tb.pods[n].ip for n in "abc"}
-
-    def entry(names: str) -> ServiceEntry:
-        return ServiceEntry.make(Frontend(ipaddress.ip_address(vip), 53, Protocol.UDP),
-                                 [Backend(ipaddress.ip_address(ip[n]), 8080) for n in names],
-                                 "default/dns:dns")
-    dp = NftablesDatapath(NftablesConfig(netns=tb.node, cluster_cidrs=CIDRS))
-    full = State([entry("abc")])
-    dp.sync(full, None)
-
-    def flow() -> list[str]:
-        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(1)
-            s.connect((vip, 53))
-            names = []
-            for i in range(6):
-                s.send(b"hi\n")
-                names.append(s.recv(100).decode().split()[0])
-                if i == 2:
-                    less = State([entry("".join(n for n in "abc" if n != names[0]))])
-                    dp.sync(less, Diff.between(full, less))
-            return names
-    names = in_netns(tb.pods["client"].ns, flow)
-    assert len(set(names[:3])) == 1  # one flow, one backend
-    assert names[0] not in names[3:]  # moved, no datagram lost (recv would time out)
-    assert len(set(names[3:])) == 1
-    cleanup(tb.node)
-
-
-def test_node_address_changes_reach_the_nodeport_set_at_once(netns: str) -> None:
-    from controller.testbed import wait_until
-
-    d = NftablesDatapath(NftablesConfig(netns=netns))
-    d.start()
-    try:
-        d.sync(State([rich_entry(2, [1], 2), rich_entry(3, [1], 2)]), None)  # NodePorts
-
-        def nodeport_ips() -> str:
-            return "".join(sh("nsenter", f"--net=/run/netns/{netns}", "nft", "list", "set",
-                              fam, "kpr", "nodeport-ips").stdout for fam in ("ip", "ip6"))
-
-        def postrouting() -> str:
-            return sh("nsenter", f"--net=/run/netns/{netns}", "nft", "list", "chain", "ip",
-                      "kpr", "nat-postrouting").stdout
-        # a veth pair: this kernel has no dummy driver (no loadable modules)
-        sh("ip", "-n", netns, "link", "add", "kprdummy0", "type", "veth", "peer", "name",
-           "kprdummy1")
-        sh("ip", "-n", netns, "link", "set", "kprdummy0", "up")
-        sh("ip", "-n", netns, "addr", "add", "192.168.77.1/24", "dev", "kprdummy0")
-        sh("ip", "-n", netns, "addr", "add", "fd00:77::1/64", "dev", "kprdummy0", "nodad")
-        wait_until(lambda: "192.168.77.1" in nodeport_ips() and "fd00:77::1" in nodeport_ips(),
-                   timeout=10)
-        assert "snat to 192.168.77.1" in postrouting()  # the only address: the primary
-        sh("ip", "-n", netns, "addr", "del", "192.168.77.1/24", "dev", "kprdummy0")
-        wait_until(lambda: "192.168.77.1" not in nodeport_ips(), timeout=10)
-        assert "masquerade" in postrouting()  # no IPv4 address left to SNAT to
-        assert d.dump() == d.canonical([rich_entry(2, [1], 2), rich_entry(3, [1], 2)])
-    finally:
-        d.cleanup()
-        sh("ip", "-n", netns, "link", "del", "kprdummy0", check=False)

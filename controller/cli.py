@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # before netfilter), the other sees a backend address and leaves it.
         if not switched.is_set():
             switched.set()
-            _remove_other_datapaths(cfg, dp.name)
+            _remove_other_datapaths(cfg, dp)
 
     proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics,
                       listeners=[hc.update, after_first_sync])
@@ -276,9 +276,10 @@ def _select_datapath(cfg: Any) -> Any:
     return None
 
 
-def _remove_other_datapaths(cfg: Any, keep: str) -> None:
+def _remove_other_datapaths(cfg: Any, dp: Any) -> None:
     """Switching datapath leaves nothing of the previous one: remove what every other
     datapath may have installed (in this network namespace and pin directory)."""
+    keep = dp.name
     if keep != "ebpf":
         from controller.datapaths.ebpf.datapath import cleanup as ebpf_cleanup
 
@@ -289,11 +290,14 @@ def _remove_other_datapaths(cfg: Any, keep: str) -> None:
 
         if nft_cleanup():
             log.info("removed the nftables datapath's tables (switched to %s)", keep)
-    if keep != "iptables":
-        from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
+    from controller.datapaths.iptables.datapath import BACKENDS
+    from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
 
-        if ipt_cleanup():
-            log.info("removed the iptables datapath's chains (switched to %s)", keep)
+    # iptables: both back ends, or the one this datapath does not use
+    others = tuple(b for b in BACKENDS if keep != "iptables" or b != dp.backend)
+    if ipt_cleanup(None, others):
+        log.info("removed the iptables datapath's chains from iptables-%s (switched to %s)",
+                 "/".join(others), f"iptables-{dp.backend}" if keep == "iptables" else keep)
 
 
 def _cleanup_all(cfg: Any) -> int:

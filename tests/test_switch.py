@@ -1,5 +1,6 @@
 """Choosing and switching datapaths through the real ``kpr run``: ``auto`` falls back
-to nftables when bpf() is denied, and a restart with another datapath under live
+to nftables when bpf() is denied, and a restart with another datapath (every one
+this machine has: ebpf, nftables, iptables over both back ends) under live
 traffic leaves nothing of the previous one behind."""
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Node:
     def nft_tables(self) -> str:
         return in_netns(self.tb.node, lambda: subprocess.run(
             ["nft", "list", "tables"], capture_output=True, text=True).stdout)
+
+    def ipt_chains(self, backend: str) -> int:
+        """kpr's chains in one iptables back end, both families."""
+        return sum(in_netns(self.tb.node, lambda fam=fam: subprocess.run(
+            [f"{fam}tables-{backend}-save"], capture_output=True, text=True).stdout
+        ).count("\n:KPR-") for fam in ("ip", "ip6"))
 
     def filters(self) -> list[str]:
         return [a.name for a in in_netns(self.tb.node, tc.list_attachments)]
@@ -143,24 +150,42 @@ class Load:
         self._t.join(10)
 
 
+SWITCHES = ("nftables", "iptables-nft", "iptables-legacy", "ebpf", "iptables-nft", "ebpf",
+            "nftables")
+"""Every datapath here, each one entered from at least two others."""
+
+
 def test_switching_datapaths_under_traffic_leaves_nothing_behind(node: Node) -> None:
     pin_dir = TEST_PIN_ROOT / node.instance
+
+    def only(mode: str) -> bool:
+        """What ``mode`` installs is there, and nothing of any other datapath."""
+        ebpf = bool(node.filters()) or pin_dir.exists()
+        tables = node.nft_tables()
+        ipt = {b: node.ipt_chains(b) for b in ("nft", "legacy")}
+        want = {"ebpf": mode == "ebpf", "nftables": mode == "nftables",
+                "iptables-nft": mode == "iptables-nft",
+                "iptables-legacy": mode == "iptables-legacy"}
+        # iptables-nft's own nat and filter tables go with kpr's chains (nothing
+        # else here uses them)
+        nft_ipt_tables = "table ip nat" in tables or "table ip6 filter" in tables
+        return (ebpf == want["ebpf"] and ("table ip kpr" in tables) == want["nftables"]
+                and bool(ipt["nft"]) == want["iptables-nft"] == nft_ipt_tables
+                and bool(ipt["legacy"]) == want["iptables-legacy"])
+
     p = node.run("--proxy-mode", "ebpf")
     wait_until(lambda: _serving(node), timeout=60)
     load = Load(node.tb.pods["client"].ns)
     try:
         report = []
-        for mode in ("nftables", "ebpf", "nftables"):
+        for mode in SWITCHES:
             before_ok, before_failed = load.ok, len(load.failed)
             node.stop(p)  # no cleanup on exit: the old datapath keeps forwarding
-            p = node.run("--proxy-mode", mode)
-            if mode == "nftables":
-                wait_until(lambda: not node.filters() and not pin_dir.exists(), timeout=30)
-                assert "table ip kpr" in node.nft_tables()
-            else:
-                wait_until(lambda: "kpr" not in node.nft_tables(), timeout=30)
-                assert node.filters() and pin_dir.exists()
-            assert node.status()["datapath"] == mode
+            flags = ["--proxy-mode", mode] if not mode.startswith("iptables") else \
+                ["--proxy-mode", "iptables", "--iptables-backend", mode.split("-")[1]]
+            p = node.run(*flags)
+            wait_until(lambda: only(mode), timeout=30)
+            assert node.status()["datapath"] == mode.split("-")[0]
             time.sleep(0.5)  # traffic on the new datapath alone
             report.append((mode, load.ok - before_ok, len(load.failed) - before_failed))
         time.sleep(0.3)

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("nft", "legacy")
 TABLES = ("nat", "filter")
+BUILTIN = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+           "filter": ("INPUT", "FORWARD", "OUTPUT")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,20 +379,26 @@ class IptablesDatapath:
 
     def cleanup(self) -> None:
         self.close()
-        cleanup(self.cfg.netns)
+        cleanup(self.cfg.netns, (self.backend,))
 
 
-def cleanup(netns: str | None = None) -> int:
+def cleanup(netns: str | None = None, backends: tuple[str, ...] = BACKENDS) -> int:
     """Delete kpr's chains and its jumps from the built-in chains, in both families
-    and both back ends (idempotent); returns how many chains existed."""
+    and the given back ends (idempotent); returns how many chains existed.
+
+    iptables-nft creates its ``nat`` and ``filter`` tables on first use; a table
+    left with nothing but empty built-in chains that accept is deleted too, so no
+    empty hook stays registered. A table with any rule, any other chain or a
+    non-ACCEPT policy is somebody's, and stays."""
     pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
     removed = 0
-    for backend in BACKENDS:
+    for backend in backends:
         for v in (4, 6):
             save, restore = _tool(v, backend, "save"), _tool(v, backend, "restore")
             if shutil.which(save) is None or shutil.which(restore) is None:
                 continue
             out = render.Restore()
+            empty: list[str] = []
             for t in TABLES:
                 p = subprocess.run([*pre, save, "-t", t], capture_output=True, text=True)
                 if p.returncode != 0:
@@ -406,6 +414,13 @@ def cleanup(netns: str | None = None) -> int:
                 out.declare[t] += mine
                 out.remove[t] += mine
                 removed += len(mine)
+                others = {c: [r for r in rules if not re.search(r"-j KPR-\S+$", r)]
+                          for c, rules in chains.items() if not c.startswith(render.PREFIX)}
+                policies = re.findall(r"^:(\S+) (\S+)", p.stdout, re.M)
+                if not any(others.values()) and all(
+                        c.startswith(render.PREFIX) or pol == "ACCEPT" and c in BUILTIN[t]
+                        for c, pol in policies):
+                    empty.append(t)
             text = out.text()
             if text:
                 p = subprocess.run([*pre, restore, "--noflush", "-w", "5"], input=text,
@@ -413,6 +428,12 @@ def cleanup(netns: str | None = None) -> int:
                 if p.returncode != 0:
                     log.warning("%s: removing kpr's chains failed: %s", restore,
                                 p.stderr.strip())
+                    continue
+            if backend == "nft":
+                fam = "ip6" if v == 6 else "ip"
+                for t in empty:
+                    subprocess.run([*pre, "nft", "delete", "table", fam, t],
+                                   capture_output=True, text=True)
     return removed
 
 

@@ -67,7 +67,7 @@ def _load_config(args: argparse.Namespace) -> Any:
         "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
         "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
         "instance", "bpffs_root", "poll_interval", "lb_algorithm", "maglev_table_size",
-        "masquerade_address", "cgroup_root", "iptables_backend")}
+        "masquerade_address", "cgroup_root", "iptables_backend", "ipvs_scheduler")}
     raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
     raw["masquerade_all"] = True if args.masquerade_all else None
     overrides = config.flag_overrides(**raw)
@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-IMPLEMENTED = ("ebpf", "nftables", "iptables")
+IMPLEMENTED = ("ebpf", "nftables", "ipvs", "iptables")
 """Datapaths this build has, in ``auto``'s order of preference."""
 AUTO_ORDER = ("ebpf", "nftables", "ipvs", "iptables")
 """``datapath: auto`` probes in this order (DESIGN.md)."""
@@ -239,6 +239,13 @@ def _make_datapath(cfg: Any, mode: str) -> Any:
 
         return NftablesDatapath(NftablesConfig(
             nodeport_addresses=tuple(cfg.nodeport_addresses),
+            cluster_cidrs=tuple(cfg.cluster_cidrs), masquerade_all=cfg.masquerade_all,
+            masquerade_address=cfg.masquerade_address))
+    if mode == "ipvs":
+        from controller.datapaths.ipvs.datapath import IpvsConfig, IpvsDatapath
+
+        return IpvsDatapath(IpvsConfig(
+            scheduler=cfg.ipvs_scheduler, nodeport_addresses=tuple(cfg.nodeport_addresses),
             cluster_cidrs=tuple(cfg.cluster_cidrs), masquerade_all=cfg.masquerade_all,
             masquerade_address=cfg.masquerade_address))
     if mode == "iptables":
@@ -290,6 +297,12 @@ def _remove_other_datapaths(cfg: Any, dp: Any) -> None:
 
         if nft_cleanup():
             log.info("removed the nftables datapath's tables (switched to %s)", keep)
+    if keep != "ipvs":
+        from controller.datapaths.ipvs.datapath import cleanup as ipvs_cleanup
+
+        if ipvs_cleanup():
+            log.info("removed the IPVS datapath's services, link and table (switched to %s)",
+                     keep)
     from controller.datapaths.iptables.datapath import BACKENDS
     from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
 
@@ -305,7 +318,9 @@ def _cleanup_all(cfg: Any) -> int:
     from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
     from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
 
-    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup() + ipt_cleanup()
+    from controller.datapaths.ipvs.datapath import cleanup as ipvs_cleanup
+
+    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup() + ipt_cleanup() + ipvs_cleanup()
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -331,9 +346,15 @@ def _status_data(args: argparse.Namespace) -> dict[str, Any]:
 
         from controller.datapaths.iptables.datapath import IptablesConfig, IptablesDatapath
 
+        from controller.datapaths.ipvs.datapath import IpvsConfig, IpvsDatapath
+
         dp = NftablesDatapath(NftablesConfig())
+        ipvs = IpvsDatapath(IpvsConfig())
         if dp.tables():
             data["datapath"] = "nftables"
+        elif ipvs.tables():
+            dp = ipvs
+            data["datapath"] = "ipvs"
         else:
             for backend in ("nft", "legacy"):
                 dp = IptablesDatapath(IptablesConfig(backend=backend))
@@ -369,6 +390,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if data["datapath"] == "nftables":
         print("datapath: nftables   tables: ip kpr, ip6 kpr")
+    elif data["datapath"] == "ipvs":
+        print("datapath: ipvs   link: kpr-ipvs0   table: ip kpr-ipvs, ip6 kpr-ipvs")
     elif data["datapath"] == "iptables":
         print(f"datapath: iptables ({data['iptables_backend']})   chains: KPR-* in the nat "
               "and filter tables")
@@ -421,7 +444,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup
 
-    removed += nft_cleanup() + ipt_cleanup()  # the tables of this network namespace
+    from controller.datapaths.ipvs.datapath import cleanup as ipvs_cleanup
+
+    # the tables, chains and IPVS services of this network namespace
+    removed += nft_cleanup() + ipt_cleanup() + ipvs_cleanup()
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -455,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
     r.add_argument("--master", help="API server URL (overrides the kubeconfig's)")
     r.add_argument("--proxy-mode", "--datapath", dest="mode",
-                   help="ebpf (default), nftables, iptables or auto")
+                   help="ebpf (default), nftables, ipvs, iptables or auto")
+    r.add_argument("--ipvs-scheduler", help="for --proxy-mode ipvs: rr (default), wrr, lc, "
+                   "wlc, sh, mh, sed, nq, ...")
     r.add_argument("--iptables-backend", help="for --proxy-mode iptables: nft, legacy or "
                    "auto (default: what the iptables command is)")
     r.add_argument("--interfaces",

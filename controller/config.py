@@ -118,6 +118,9 @@ class ProxyConfig:
     cgroup_root: str = "auto"
     """kpr.cgroupRoot / --cgroup-root: the cgroup v2 directory the socket programs
     attach to (host traffic to Services); "auto": the cgroup v2 mount; "none": off."""
+    ipvs_scheduler: str = "rr"
+    """ipvs.scheduler / --ipvs-scheduler: rr, wrr, lc, wlc, sh, mh, sed, nq, ... (kube-proxy's
+    default rr); Services with the Maglev algorithm use mh."""
     iptables_backend: str = "auto"
     """kpr.iptablesBackend / --iptables-backend: nft, legacy, or auto (what the
     ``iptables`` command is); for the iptables datapath."""
@@ -306,6 +309,14 @@ def _masq_addresses(value: Any, where: str) -> str:
     return ",".join(str(ip) for ip in sorted(ips, key=lambda ip: ip.version))
 
 
+def _ipvs_scheduler(value: Any, where: str) -> str:
+    from controller.datapaths.ipvs.render import SCHEDULERS
+
+    if value not in SCHEDULERS:
+        raise ConfigError(f"{where}: must be one of {', '.join(SCHEDULERS)}, got {value!r}")
+    return str(value)
+
+
 def _iptables_backend(value: Any, where: str) -> str:
     if value not in ("auto", "nft", "legacy"):
         raise ConfigError(f"{where}: must be auto, nft or legacy, got {value!r}")
@@ -377,6 +388,9 @@ def parse_file(text: str, name: str = "config") -> tuple[dict[str, Any], list[st
                     per_mode[(key, attr)] = parse_duration(v, f"{where}.{k}")
                 elif k == "masqueradeAll" and key == "iptables":
                     out["masquerade_all"] = _bool(v, f"{where}.{k}")
+                elif k == "scheduler" and key == "ipvs":
+                    if v not in ("", None):
+                        out["ipvs_scheduler"] = _ipvs_scheduler(v, f"{where}.{k}")
                 else:
                     ignored.append(f"{key}.{k}")
         elif key == "kpr":
@@ -470,6 +484,7 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "masquerade_address": ("--masquerade-address", _masq_addresses),
         "cgroup_root": ("--cgroup-root", _str),
         "iptables_backend": ("--iptables-backend", _iptables_backend),
+        "ipvs_scheduler": ("--ipvs-scheduler", _ipvs_scheduler),
     }
     for k, v in raw.items():
         if v is None:

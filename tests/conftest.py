@@ -21,9 +21,11 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_PIN_ROOT = Path("/sys/fs/bpf/kpr-test")
 
 
-DATAPATHS = ("ebpf", "nftables", "iptables", "iptables-legacy")
-"""Datapaths the shared flow table runs against here (iptables: its nft back end;
-IPVS runs in a VM, tests/test_ipvs_vm.py)."""
+DATAPATHS = ("ebpf", "nftables", "iptables", "iptables-legacy", "ipvs")
+"""Datapaths the shared flow table can run against (iptables: its nft back end)."""
+DEFAULT_DATAPATHS = DATAPATHS[:-1]
+"""What runs by default: this machine's kernel has no IPVS, so tests/test_ipvs_vm.py
+runs ``--datapath ipvs`` inside a VM whose kernel has it."""
 
 
 def datapath_flags(datapath: str) -> list[str]:
@@ -43,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "datapath" in metafunc.fixturenames:
-        chosen = metafunc.config.getoption("datapath") or list(DATAPATHS)
+        chosen = metafunc.config.getoption("datapath") or list(DEFAULT_DATAPATHS)
         unknown = [d for d in chosen if d not in DATAPATHS]
         if unknown:
             raise pytest.UsageError(f"--datapath {unknown[0]}: not one of {DATAPATHS}")

@@ -61,10 +61,19 @@ def _link_local(ip: IPAddress) -> bool:
     return any(ip in n for n in LINK_LOCAL if n.version == ip.version)
 
 
+VIP_LINKS = ("kpr-ipvs0", "kube-ipvs0")
+"""Dummy links that hold the IPVS datapath's (or kube-proxy's) Service addresses:
+those are not node addresses (NodePorts do not answer on a ClusterIP)."""
+
+
 def _addresses(ipr: IPRoute) -> list[tuple[int, IPAddress]]:
     out: list[tuple[int, IPAddress]] = []
+    vip_links = {link["index"] for link in ipr.get_links()
+                 if link.get_attr("IFLA_IFNAME") in VIP_LINKS}
     for family in (socket.AF_INET, socket.AF_INET6):
         for msg in ipr.get_addr(family=family):
+            if msg["index"] in vip_links:
+                continue
             raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
             if not raw:
                 continue

@@ -66,10 +66,12 @@ def node(datapath: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
                 stdout=out, stderr=subprocess.STDOUT, text=True)
         n = Node(tb, proc, log)
         try:
-            first = scenarios.FLOWS[0]
-            wait_until(lambda: proc.poll() is None and isinstance(
-                probe(n.source_ns(first.src), first.dst, first.port, timeout=0.3), tuple),
-                timeout=60)
+            # programmed: the first IPv4 and IPv6 rows answer (a datapath that is not
+            # atomic, IPVS, programs IPv6 frontends last)
+            for first in (scenarios.FLOWS[0], scenarios.FLOWS6[0]):
+                wait_until(lambda: proc.poll() is None and isinstance(
+                    probe(n.source_ns(first.src), first.dst, first.port, timeout=0.3), tuple),
+                    timeout=120)
             yield n
         finally:
             proc.terminate()

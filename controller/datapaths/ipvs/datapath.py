@@ -253,6 +253,8 @@ class IpvsDatapath:
                     with open(f"/proc/sys/{k}", "w") as f:
                         f.write(v)
                 except OSError as e:
+                    if k.startswith("net/ipv4/vs/"):  # masquerade needs conntrack=1
+                        raise DatapathError(f"cannot set {k}={v}: {e}") from e
                     log.warning("ipvs datapath: cannot set %s=%s: %s", k, v, e)
         self._in_ns(write)
 
@@ -279,6 +281,12 @@ class IpvsDatapath:
     def start(self) -> None:
         from controller.datapaths.node import AddressWatcher
 
+        # the first request loads ip_vs (genl family autoload), which creates the
+        # namespace's net.ipv4.vs sysctls
+        try:
+            list(self._sock().service("dump"))
+        except Exception as e:  # noqa: BLE001 - NetlinkError
+            raise DatapathError(f"IPVS is not available: {e}") from e
         self._sysctls()
         if not self._threads:
             self._threads = [AddressWatcher(self.refresh_node, self.cfg.netns)]
@@ -434,15 +442,17 @@ class IpvsDatapath:
             cmds += [f"add table {fam} {render.TABLE}", f"delete table {fam} {render.TABLE}"]
             cmds += render.table(v, self.cfg.cluster_cidrs, nodeport[v], snat.get(v))
         cmds += render.element_commands({k: 1 for k in elements})
+        # Order: the companion rules (masquerade, drops) before the services they
+        # qualify, the services before the addresses that let traffic reach them.
         try:
+            self._nft(cmds)
             self._link()
-            have_vips = self._link_addrs()
-            self._set_vips([ip for ip in vips if ip not in have_vips],
-                           [ip for ip in have_vips if ip not in vips])
             have = self._read()
             self._services = {k: s for k, s in self._services.items() if k in have}
             ops = self._apply_services(want, have)
-            self._nft(cmds)
+            have_vips = self._link_addrs()
+            self._set_vips([ip for ip in vips if ip not in have_vips],
+                           [ip for ip in have_vips if ip not in vips])
         except DatapathError:
             raise
         except Exception as e:  # noqa: BLE001 - NetlinkError and OSError
@@ -488,11 +498,10 @@ class IpvsDatapath:
             if k not in gone:
                 have.pop(k)  # new: nothing programmed yet
         try:
-            self._set_vips(vip_add, [])
-            ops = self._apply_services(want, have)
             cmds = render.element_commands(delta)
             self._nft(cmds)
-            self._set_vips([], vip_del)
+            ops = self._apply_services(want, have)
+            self._set_vips(vip_add, vip_del)
         except DatapathError:
             raise
         except Exception as e:  # noqa: BLE001 - NetlinkError and OSError

@@ -235,7 +235,10 @@ def table(version: int, cluster_cidrs: tuple[IPNetwork, ...], nodeport_ips: tupl
         f"add rule {t} prerouting {a} daddr @nodeport-ips meta l4proto . th dport "
         f"@local-drop-nodeports drop",
         f"add rule {t} prerouting jump mark-masq",
-        # the node itself: every client is in-cluster (twin), and masqueraded there
+        # the node itself: every client is in-cluster (twin), and masqueraded there.
+        # IPVS sends the packets it forwards through LOCAL_OUT too (ip_vs_nat_xmit,
+        # Linux 6.1): those keep a pod's source and are not the node's own.
+        f"add rule {t} output fib saddr type != local return",
         f"add rule {t} output meta mark set {fw} map @twin",
         f"add rule {t} output {a} daddr @nodeport-ips meta mark set meta l4proto . th dport "
         f"map @twin-nodeports",

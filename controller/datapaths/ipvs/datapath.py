@@ -196,7 +196,7 @@ class IpvsDatapath:
             dests = {}
             for dm in ipvs.dest("dump", service=self._svc(k)):
                 d = IPVSDest.from_message(dm)
-                conns = int(d.get("active_conns", 0) or 0) + int(d.get("inact_conns", 0) or 0)
+                conns = _conns(d)
                 dests[(str(ipaddress.ip_address(d["addr"])), int(d["port"]))] = \
                     (int(d.get("weight", 0)), conns)
             out[k] = dests
@@ -329,7 +329,7 @@ class IpvsDatapath:
 
     def sync(self, state: State, diff: Diff | None) -> SyncResult:
         with self._lock:
-            if diff is None:
+            if diff is None or self._addrs is None:
                 return self._full(state)
             return self._partial(diff)
 
@@ -388,37 +388,44 @@ class IpvsDatapath:
         return 0
 
     def _reaper(self) -> None:
-        """Remove drained real servers (graceful termination)."""
-        while not self._stop.wait(1.0):
-            with self._lock:
-                if not self._draining:
-                    continue
-                try:
-                    self._reap()
-                except Exception as e:  # noqa: BLE001 - retried next second
-                    log.warning("ipvs datapath: draining real servers failed: %s", e)
+        """Remove drained real servers (graceful termination), from a thread of its
+        own with its own IPVS socket (pyroute2 0.9 transports are per thread)."""
+        from pyroute2 import IPVS
 
-    def _reap(self) -> None:
+        ipvs = None
+        while not self._stop.wait(1.0):
+            if not self._draining:
+                continue
+            try:
+                if ipvs is None:
+                    ipvs = IPVS(netns=self.cfg.netns) if self.cfg.netns else IPVS()
+                with self._lock:
+                    self._reap(ipvs)
+            except Exception as e:  # noqa: BLE001 - retried next second
+                log.warning("ipvs datapath: draining real servers failed: %s", e)
+        if ipvs is not None:
+            ipvs.close()
+
+    def _reap(self, ipvs: Any) -> None:
         from pyroute2 import IPVSDest
 
-        ipvs = self._sock()
         now = time.monotonic()
         for (k, d), since in list(self._draining.items()):
-            conns = 0
+            found = None
             try:
                 for dm in ipvs.dest("dump", service=self._svc(k)):
                     x = IPVSDest.from_message(dm)
                     if (str(ipaddress.ip_address(x["addr"])), int(x["port"])) == d:
-                        conns = int(x.get("active_conns", 0) or 0) + \
-                            int(x.get("inact_conns", 0) or 0)
-            except Exception:  # noqa: BLE001 - the service is gone
-                self._draining.pop((k, d), None)
-                continue
-            if conns == 0 or now - since > self.cfg.graceful_period:
-                try:
-                    ipvs.dest("del", service=self._svc(k), dest=self._dest(k.version, *d))
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+                        found = _conns(x)
+            except Exception as e:  # noqa: BLE001 - NetlinkError
+                if getattr(e, "code", 0) in (2, 3):  # ENOENT, ESRCH: the service is gone
+                    self._draining.pop((k, d), None)
+                    continue
+                raise
+            if found is None:
+                self._draining.pop((k, d), None)  # deleted by someone else
+            elif found == 0 or now - since > self.cfg.graceful_period:
+                ipvs.dest("del", service=self._svc(k), dest=self._dest(k.version, *d))
                 self._draining.pop((k, d), None)
 
     def _full(self, state: State) -> SyncResult:
@@ -573,6 +580,13 @@ class IpvsDatapath:
                 self._sock().service("del", service=self._svc(k))
         except Exception as e:  # noqa: BLE001 - no IPVS here
             log.debug("ipvs cleanup: %s", e)
+
+
+def _conns(d: Any) -> int:
+    """Active plus inactive connections of a real server (pyroute2 0.9 keeps the
+    attribute names of the kernel)."""
+    return sum(int(d.get(k) or d.get(f"IPVS_DEST_ATTR_{k.upper()}") or 0)
+               for k in ("active_conns", "inact_conns"))
 
 
 def cleanup(netns: str | None = None) -> int:

@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 nftables iptables ethtool \
 	python3-venv python3-yaml python3-seccomp conntrack
+# The IPVS tests boot Debian's kernel (which has IPVS; this machine's has not) in qemu
+# (tests/vm/qemu.py); ipvsadm is only for the tests' eyes.
+APT_VM_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static ipvsadm
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test clean
@@ -18,6 +21,14 @@ $(STAMP): pyproject.toml Makefile
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi; \
+	missing=""; for p in $(APT_VM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for the IPVS VM:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q -e '.[test]'

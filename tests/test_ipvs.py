@@ -105,3 +105,4 @@ def test_a_removed_tcp_backend_drains_before_it_goes(testbed: Testbed) -> None:
         assert gone not in weights()
     finally:
         dp.cleanup()
+

@@ -15,7 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from controller.model import Diff, State
+import ipaddress
+from typing import Any
+
+from controller.model import Backend, Diff, FrontendKind, ServiceEntry, ServiceFlag, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +66,27 @@ class Datapath(Protocol):
 
     def close(self) -> None:
         """Stop background work; leave the kernel state in place."""
+
+
+def canonical_entry(e: ServiceEntry, name: str, flags_kept: ServiceFlag,
+                    collapse_ranges: bool) -> ServiceEntry:
+    """What a rule-based writer (nftables, iptables, IPVS) reads back for an entry:
+    only the flags it implements, backends without flags, the cluster-wide
+    backends of an external Local frontend, and the source ranges of the
+    frontend's family when a frontend chain exists (merged where the kernel merges
+    prefixes). ``name``: the Service name as the writer stores it."""
+    v = e.frontend.ip.version
+    local_ext = e.kind != FrontendKind.CLUSTER_IP and e.flags & ServiceFlag.LOCAL_POLICY
+    kw: dict[str, Any] = {}
+    if local_ext and e.cluster_backends:
+        kw["cluster_backends"] = tuple(Backend(b.ip, b.port) for b in e.cluster_backends)
+    if e.kind == FrontendKind.LOAD_BALANCER:
+        ranges = [n for n in e.source_ranges if n.version == v]
+        if ranges and (e.backends or kw):
+            kw["source_ranges"] = tuple(ipaddress.collapse_addresses(ranges)  # type: ignore[arg-type]
+                                        if collapse_ranges else ranges)
+    flags = e.flags & flags_kept
+    return ServiceEntry.make(
+        e.frontend, (Backend(b.ip, b.port) for b in e.backends), name, kind=e.kind,
+        flags=flags, affinity_timeout=e.affinity_timeout if flags & ServiceFlag.AFFINITY else 0,
+        **kw)

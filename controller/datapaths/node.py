@@ -132,6 +132,21 @@ def discover(ipr: IPRoute, nodeport_addresses: Iterable[str],
     return NodeNet(every, nodeport, snat, tuple(cluster_cidrs), masquerade_all, cookie)
 
 
+def node_facts(netns: str | None, nodeport_addresses: Iterable[str],
+               cluster_cidrs: Iterable[IPNetwork], masquerade_all: bool,
+               masquerade_address: str
+               ) -> tuple[dict[int, tuple[IPAddress, ...]], dict[int, IPAddress]]:
+    """What the rule-based writers follow: the NodePort addresses per family, and
+    the masquerade address per family (a family without one is absent)."""
+    from controller.netns import open_ipr
+
+    with open_ipr(netns) as ipr:
+        net = discover(ipr, nodeport_addresses, cluster_cidrs, masquerade_all,
+                       masquerade_address, 0)
+    nodeport = {v: tuple(ip for ip in net.nodeport if ip.version == v) for v in (4, 6)}
+    return nodeport, {ip.version: ip for ip in net.snat}
+
+
 class AddressWatcher:
     """Calls ``on_change`` (from its own thread) whenever an address of either family
     is added to or removed from the namespace, a burst of events once."""

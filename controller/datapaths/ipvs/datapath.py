@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.datapaths.base import DatapathError, Probe, SyncResult
+from controller.datapaths.base import canonical_entry as shared_canonical
 from controller.datapaths.ipvs import render
 from controller.model import (
     Backend,
@@ -81,21 +82,7 @@ class IpvsConfig:
 
 def canonical_entry(e: ServiceEntry) -> ServiceEntry:
     """What ``dump()`` returns for an entry once programmed."""
-    v = e.frontend.ip.version
-    local_ext = e.kind != FrontendKind.CLUSTER_IP and e.flags & ServiceFlag.LOCAL_POLICY
-    kw: dict[str, Any] = {}
-    if local_ext and e.cluster_backends:
-        kw["cluster_backends"] = tuple(Backend(b.ip, b.port) for b in e.cluster_backends)
-    if e.kind == FrontendKind.LOAD_BALANCER:
-        ranges = [n for n in e.source_ranges if n.version == v]
-        if ranges and (e.backends or kw):
-            kw["source_ranges"] = tuple(ipaddress.collapse_addresses(ranges))  # type: ignore[arg-type]
-    flags = e.flags & render.FLAGS_KEPT
-    return ServiceEntry.make(
-        e.frontend, (Backend(b.ip, b.port) for b in e.backends),
-        e.name.encode()[:render.NAME_MAX].decode(errors="ignore").replace('"', "'"),
-        kind=e.kind, flags=flags,
-        affinity_timeout=e.affinity_timeout if flags & ServiceFlag.AFFINITY else 0, **kw)
+    return shared_canonical(e, e.name.encode()[:render.NAME_MAX].decode(errors="ignore").replace('"', "'"), render.FLAGS_KEPT, collapse_ranges=True)
 
 
 class IpvsDatapath:
@@ -294,15 +281,11 @@ class IpvsDatapath:
             t.start()
 
     def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
-        from controller.datapaths.node import discover
-        from controller.netns import open_ipr
+        from controller.datapaths.node import node_facts
 
-        with open_ipr(self.cfg.netns) as ipr:
-            net = discover(ipr, self.cfg.nodeport_addresses, self.cfg.cluster_cidrs,
-                           self.cfg.masquerade_all, self.cfg.masquerade_address, 0)
-        nodeport = {v: tuple(ip for ip in net.nodeport if ip.version == v) for v in (4, 6)}
-        return nodeport, {ip.version: ip for ip in net.snat}
-
+        c = self.cfg
+        return node_facts(c.netns, c.nodeport_addresses, c.cluster_cidrs, c.masquerade_all,
+                          c.masquerade_address)
     def refresh_node(self) -> None:
         """Node addresses changed: NodePort services move, the masquerade rule
         follows (a full sync: it compares and writes only the difference)."""

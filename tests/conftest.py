@@ -103,3 +103,19 @@ def datapath_factory() -> Iterator[object]:
     for dp in made:
         dp.close()
         cleanup(dp.cfg.pin_dir, dp.cfg.netns)
+
+
+@pytest.fixture(scope="module")
+def nodeport_ns() -> Iterator[str]:
+    """A network namespace of this module's own with a NodePort address in each
+    family (on a veth: this kernel has no dummy module), always removed."""
+    ns = f"kprn{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "e0", "type", "veth", "peer", "name", "e1")
+        sh("ip", "-n", ns, "addr", "add", "172.16.0.1/24", "dev", "e0")
+        sh("ip", "-n", ns, "addr", "add", "fd00:16::1/64", "dev", "e0", "nodad")
+        sh("ip", "-n", ns, "link", "set", "e0", "up")
+        yield ns
+    finally:
+        sh("ip", "netns", "del", ns, check=False)

@@ -10,11 +10,14 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controller.datapaths.ipvs.datapath import IpvsConfig, IpvsDatapath
 from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, State
 from controller.testbed import Testbed, in_netns, sh
-from tests.shapes import rich_entry
+from tests.shapes import rich_entry, states
+from tests.test_ipvs_logic import serving
 
 pytestmark = pytest.mark.kernel
 CIDRS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/64"))
@@ -50,6 +53,37 @@ def test_full_and_partial_syncs_read_back(netns: str) -> None:
     finally:
         dp.cleanup()
     assert "kpr-ipvs0" not in sh("ip", "-n", netns, "link").stdout
+
+
+@needs_ipvs
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq=st.lists(states, min_size=1, max_size=4))
+def test_incremental_syncs_end_where_one_full_sync_ends(
+        nodeport_ns: str, seq: list[dict[int, tuple[list[int], int]]]) -> None:
+    """tests/test_ipvs_logic.py's property, against the kernel's IPVS (a few
+    examples: the VM emulates its CPU)."""
+    dp = IpvsDatapath(IpvsConfig(netns=nodeport_ns, cluster_cidrs=CIDRS))
+    dp.start()
+    try:
+        prev = State()
+        dp.sync(prev, None)
+        for spec in seq:
+            cur = State(rich_entry(i, bes, v) for i, (bes, v) in spec.items())
+            assert not dp.sync(cur, Diff.between(prev, cur)).full
+            assert dp.dump() == dp.canonical(cur.values())
+            prev = cur
+        incremental = serving(dp._read())
+        assert dp.sync(prev, None).full and serving(dp._read()) == incremental
+    finally:
+        dp.cleanup()
+    fresh = IpvsDatapath(IpvsConfig(netns=nodeport_ns, cluster_cidrs=CIDRS))
+    fresh.start()
+    try:
+        fresh.sync(prev, None)
+        assert serving(fresh._read()) == incremental
+    finally:
+        fresh.cleanup()
 
 
 @needs_ipvs

@@ -80,6 +80,23 @@ class IpvsConfig:
     """Longest wait for a removed TCP real server's connections to drain."""
 
 
+Dest = tuple[str, int]
+"""A real server: (address, port)."""
+
+
+@dataclass(slots=True)
+class Held:
+    """One IPVS virtual service as the kernel holds it (or, in a partial sync, as
+    the writer left it)."""
+
+    scheduler: str
+    """Its scheduler's name."""
+    timeout: int
+    """Persistence timeout in seconds (0: not persistent)."""
+    dests: dict[Dest, tuple[int, int]]
+    """Real server -> (weight, active plus inactive connections)."""
+
+
 def canonical_entry(e: ServiceEntry) -> ServiceEntry:
     """What ``dump()`` returns for an entry once programmed."""
     return shared_canonical(e, e.name.encode()[:render.NAME_MAX].decode(errors="ignore").replace('"', "'"), render.FLAGS_KEPT, collapse_ranges=True)
@@ -159,14 +176,14 @@ class IpvsDatapath:
         return IPVSDest(addr=addr, port=port, weight=weight, fwd_method=IP_VS_CONN_F_MASQ,
                         addr_family=socket.AF_INET if version == 4 else socket.AF_INET6)
 
-    def _read(self) -> dict[render.VKey, dict[tuple[str, int], tuple[int, int]]]:
-        """IPVS services kpr owns -> real server -> (weight, connections)."""
+    def _read(self) -> dict[render.VKey, Held]:
+        """The IPVS services kpr owns, as the kernel holds them."""
         from pyroute2 import IPVSDest, IPVSService
 
         ipvs = self._sock()
         vips = {str(ip) for ip in self._link_addrs()}
         nodeport = {str(ip) for v in (4, 6) for ip in (self._addrs or ({4: (), 6: ()}, {}))[0][v]}
-        out: dict[render.VKey, dict[tuple[str, int], tuple[int, int]]] = {}
+        out: dict[render.VKey, Held] = {}
         for msg in ipvs.service("dump"):
             s = IPVSService.from_message(msg)
             version = 4 if s.get("af") == socket.AF_INET else 6
@@ -186,7 +203,7 @@ class IpvsDatapath:
                 conns = _conns(d)
                 dests[(str(ipaddress.ip_address(d["addr"])), int(d["port"]))] = \
                     (int(d.get("weight", 0)), conns)
-            out[k] = dests
+            out[k] = Held(str(s.get("sched_name") or ""), int(s.get("timeout") or 0), dests)
         return out
 
     def _link(self) -> int:
@@ -317,22 +334,22 @@ class IpvsDatapath:
             return self._partial(diff)
 
     def _apply_services(self, want: dict[render.VKey, render.VService],
-                        have: dict[render.VKey, dict[tuple[str, int], tuple[int, int]]]) -> int:
+                        have: dict[render.VKey, Held]) -> int:
         """Make IPVS hold ``want``, given that it holds ``have``; returns the ops."""
         ipvs = self._sock()
         ops = 0
         now = time.monotonic()
         for k, s in want.items():
-            cur = self._services.get(k)
-            if k not in have:
+            h = have.get(k)
+            if h is None:
                 ipvs.service("add", service=self._svc(k, s))
-                have[k] = {}
+                h = have[k] = Held(s.scheduler, s.timeout, {})
                 ops += 1
-            elif cur is None or (cur.scheduler, cur.timeout) != (s.scheduler, s.timeout):
+            elif (h.scheduler, h.timeout) != (s.scheduler, s.timeout):
                 ipvs.service("set", service=self._svc(k, s))
                 ops += 1
             for d in s.dests:
-                w = have[k].get(d, (None, 0))[0]
+                w = h.dests.get(d, (None, 0))[0]
                 if w is None:
                     ipvs.dest("add", service=self._svc(k), dest=self._dest(k.version, *d))
                     ops += 1
@@ -340,7 +357,7 @@ class IpvsDatapath:
                     ipvs.dest("set", service=self._svc(k), dest=self._dest(k.version, *d))
                     ops += 1
                 self._draining.pop((k, d), None)
-            for d, (w, _conns) in have[k].items():
+            for d, (w, _conns) in h.dests.items():
                 if d in s.dests:
                     continue
                 graceful = k.protocol in (int(Protocol.TCP), int(Protocol.SCTP)) or \
@@ -438,7 +455,7 @@ class IpvsDatapath:
             self._nft(cmds)
             self._link()
             have = self._read()
-            self._services = {k: s for k, s in self._services.items() if k in have}
+            self._services = {}
             ops = self._apply_services(want, have)
             have_vips = self._link_addrs()
             self._set_vips([ip for ip in vips if ip not in have_vips],
@@ -457,7 +474,7 @@ class IpvsDatapath:
         elements = Counter(self._elements)
         vips = Counter(self._vips)
         want: dict[render.VKey, render.VService] = {}
-        gone: dict[render.VKey, dict[tuple[str, int], tuple[int, int]]] = {}
+        gone: dict[render.VKey, Held] = {}
         shadow = dict(self._shadow)
         changes: list[tuple[Frontend, ServiceEntry | None]] = \
             [(f, None) for f in diff.removed] + [(e.frontend, e) for e in diff.upserted]
@@ -467,8 +484,13 @@ class IpvsDatapath:
                 elements.subtract(old.elements)
                 vips.subtract(old.vips)
                 for k in old.services:
-                    gone[k] = {d: (1, 0) for d in self._services[k].dests} \
-                        if k in self._services else {}
+                    # what IPVS holds for k: the programmed real servers, and the ones
+                    # still draining at weight 0 (adding one of those back would fail
+                    # with EEXIST: it is set back to weight 1)
+                    cur = self._services[k]
+                    gone[k] = Held(cur.scheduler, cur.timeout,
+                                   {d: (0, 0) for (dk, d) in self._draining if dk == k})
+                    gone[k].dests.update((d, (1, 0)) for d in cur.dests)
             if e is None:
                 self._marks.pop(f, None)
                 self._entries.pop(f, None)
@@ -483,14 +505,10 @@ class IpvsDatapath:
                  if (elements[k] > 0) != (self._elements[k] > 0)}
         vip_add = [ip for ip in vips if vips[ip] > 0 and self._vips[ip] <= 0]
         vip_del = [ip for ip in self._vips if self._vips[ip] > 0 and vips[ip] <= 0]
-        have = {k: (gone[k] if k in gone else {}) for k in set(want) | set(gone)}
-        for k in want:
-            if k not in gone:
-                have.pop(k)  # new: nothing programmed yet
         try:
             cmds = render.element_commands(delta)
             self._nft(cmds)
-            ops = self._apply_services(want, have)
+            ops = self._apply_services(want, gone)  # the rest is new: not in IPVS
             self._set_vips(vip_add, vip_del)
         except DatapathError:
             raise
@@ -623,7 +641,7 @@ def cleanup(netns: str | None = None) -> int:
 
 
 def _parse(sets: dict[str, list[Any]],
-           services: dict[render.VKey, dict[tuple[str, int], tuple[int, int]]],
+           services: dict[render.VKey, Held],
            version: int, nodeport_ips: set[str]) -> list[ServiceEntry]:
     def key_of(el: Any) -> tuple[Any, str]:
         comment = ""
@@ -634,7 +652,8 @@ def _parse(sets: dict[str, list[Any]],
 
     def dests(k: render.VKey) -> tuple[Backend, ...]:
         return tuple(Backend(ipaddress.ip_address(a), p)
-                     for (a, p), (w, _) in services.get(k, {}).items() if w > 0)
+                     for (a, p), (w, _) in (services[k].dests if k in services else {}).items()
+                     if w > 0)
 
     twins: dict[Any, int] = {}
     for name in ("twin", "twin-nodeports"):

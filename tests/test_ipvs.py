@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from controller.datapaths.ipvs.datapath import IpvsConfig, IpvsDatapath
 from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, State
-from controller.testbed import Testbed, in_netns, sh
+from controller.testbed import Testbed, in_netns, sh, spread
 from tests.shapes import rich_entry, states
 from tests.test_ipvs_logic import serving
 
@@ -140,3 +140,50 @@ def test_a_removed_tcp_backend_drains_before_it_goes(testbed: Testbed) -> None:
     finally:
         dp.cleanup()
 
+
+
+def open_at_once(vip: str, n: int) -> list[str]:
+    """The endpoints of n connections held open together."""
+    held = [socket.create_connection((vip, 80), timeout=5) for _ in range(n)]
+    try:
+        for s in held:
+            s.sendall(b"hi\n")
+        return [s.recv(100).decode().split()[0] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+@needs_ipvs
+def test_each_scheduler_balances_as_it_says(testbed: Testbed) -> None:
+    """The schedulers the issue names, with traffic, one after another on the same
+    pods: the spreading ones use every endpoint, the hashing ones (sh, mh) keep a
+    client on one, and IPVS reports the scheduler it was given."""
+    tb = testbed
+    for n in "abc":
+        tb.add_pod(n)
+        tb.serve(n, 8080)
+    tb.add_pod("client")
+    vip = "10.96.0.10"
+    state = State([ServiceEntry.make(
+        Frontend(ipaddress.ip_address(vip), 80, Protocol.TCP),
+        [Backend(ipaddress.ip_address(tb.pods[n].ip), 8080) for n in "abc"],
+        "default/web:http")])
+    for sched in ("rr", "wrr", "lc", "sh", "mh", "sed", "nq"):
+        dp = IpvsDatapath(IpvsConfig(netns=tb.node, cluster_cidrs=CIDRS, scheduler=sched))
+        dp.start()
+        try:
+            dp.sync(state, None)
+            listed = sh("ip", "netns", "exec", tb.node, "ipvsadm", "-Ln").stdout
+            assert f"{vip}:80 {sched}" in listed, listed
+            got = spread(tb.pods["client"].ns, vip, 80, 9)
+            assert "<error>" not in got, (sched, got)
+            if sched in ("sh", "mh"):
+                assert len(got) == 1, (sched, got)  # one client address, one endpoint
+            elif sched in ("rr", "wrr"):
+                assert got == {"a": 3, "b": 3, "c": 3}, (sched, got)
+            else:  # least-connection kinds: three open connections, three endpoints
+                assert sorted(in_netns(tb.pods["client"].ns, open_at_once, vip, 3)) == \
+                    ["a", "b", "c"], sched
+        finally:
+            dp.cleanup()

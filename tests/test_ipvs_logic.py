@@ -119,7 +119,7 @@ def fake_datapath(ns: str, ipvs: FakeIPVS) -> IpvsDatapath:
     def set_vips(add: Any, delete: Any) -> None:
         vips.update(add)
         vips.difference_update(delete)
-    dp._ipvs = ipvs
+    dp._local.ipvs = ipvs
     dp._read = ipvs.read  # type: ignore[method-assign]
     dp._link = lambda: 1  # type: ignore[method-assign]
     dp._link_addrs = lambda: set(vips)  # type: ignore[method-assign]

@@ -1,5 +1,6 @@
-"""Stale UDP flows in netfilter's conntrack, shared by the netfilter datapaths
-(nftables, iptables; IPVS keeps its own table).
+"""Stale UDP flows in netfilter's conntrack, shared by the classic datapaths
+(nftables, iptables, and IPVS: with ``net.ipv4.vs.conntrack=1`` IPVS drops a flow's
+datagrams while its conntrack entry lives, even with ``expire_nodest_conn``).
 
 netfilter keeps translating a UDP flow to the endpoint its first packet chose for as
 long as the conntrack entry lives, even after the endpoint is gone. As kube-proxy

@@ -12,7 +12,10 @@ table ``kpr-ipvs`` (render.py explains the layout).
 * Graceful termination: a real server that leaves a TCP or SCTP service is first
   given weight 0 (no new connections; open ones carry on), and removed once IPVS
   counts no connection to it (active or inactive), or after ``graceful_period``.
-  A UDP real server goes at once (``expire_nodest_conn`` moves its flows).
+  A UDP real server goes at once, and its flows' conntrack entries with it
+  (controller/datapaths/flows.py): ``expire_nodest_conn`` then balances each flow's
+  next datagram afresh. (While the conntrack entry lives, IPVS drops them: Debian's
+  6.1, ip_vs_in() with an "old" conntrack.)
 
 kpr sets the sysctls IPVS needs, as kube-proxy does: ``net.ipv4.vs.conntrack=1``
 (netfilter tracks IPVS connections, so masquerade applies to them),
@@ -36,6 +39,7 @@ from typing import Any
 
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.base import canonical_entry as shared_canonical
+from controller.datapaths.flows import UdpFlows
 from controller.datapaths.ipvs import render
 from controller.model import (
     Backend,
@@ -118,7 +122,9 @@ class IpvsDatapath:
         self.unprogrammed: dict[Frontend, str] = {}
         self._lock = threading.RLock()
         self._addrs: Any = None
-        self._ipvs: Any = None
+        self._local = threading.local()  # one IPVS socket per thread (pyroute2 0.9)
+        self._socks: list[Any] = []
+        self._flows = UdpFlows(cfg.netns)
         self._stop = threading.Event()
         self._threads: list[Any] = []
         self._entries: dict[Frontend, ServiceEntry] = {}  # what is programmed
@@ -133,13 +139,18 @@ class IpvsDatapath:
         return fn(*args)
 
     def _sock(self) -> Any:
-        if self._ipvs is None:
+        """This thread's IPVS socket. pyroute2 0.9 binds a socket's transport to the
+        thread of its first request: used from another thread (the address
+        watcher's full syncs), it fails with ECONNRESET. So each thread has its own,
+        opened in the namespace (netns=)."""
+        ipvs = getattr(self._local, "ipvs", None)
+        if ipvs is None:
             from pyroute2 import IPVS
 
-            # pyroute2 0.9 opens a transport per thread at its first request; with
-            # netns= every one of them is opened in the namespace
-            self._ipvs = IPVS(netns=self.cfg.netns) if self.cfg.netns else IPVS()
-        return self._ipvs
+            ipvs = self._local.ipvs = IPVS(netns=self.cfg.netns) if self.cfg.netns else IPVS()
+            with self._lock:
+                self._socks.append(ipvs)
+        return ipvs
 
     def _nft(self, commands: list[str]) -> None:
         if not commands:
@@ -176,13 +187,16 @@ class IpvsDatapath:
         return IPVSDest(addr=addr, port=port, weight=weight, fwd_method=IP_VS_CONN_F_MASQ,
                         addr_family=socket.AF_INET if version == 4 else socket.AF_INET6)
 
-    def _read(self) -> dict[render.VKey, Held]:
-        """The IPVS services kpr owns, as the kernel holds them."""
+    def _read(self, nodeport_ips: Iterable[str] = ()) -> dict[render.VKey, Held]:
+        """The IPVS services kpr owns, as the kernel holds them: those on the dummy
+        link's addresses, on NodePort addresses (now's, and ``nodeport_ips``: those
+        of before an address change), or with kpr's firewall marks."""
         from pyroute2 import IPVSDest, IPVSService
 
         ipvs = self._sock()
         vips = {str(ip) for ip in self._link_addrs()}
         nodeport = {str(ip) for v in (4, 6) for ip in (self._addrs or ({4: (), 6: ()}, {}))[0][v]}
+        nodeport.update(nodeport_ips)
         out: dict[render.VKey, Held] = {}
         for msg in ipvs.service("dump"):
             s = IPVSService.from_message(msg)
@@ -274,7 +288,7 @@ class IpvsDatapath:
         try:
             list(self._sock().service("dump"))
         except Exception as e:  # noqa: BLE001 - no IPVS family, permissions
-            self._ipvs = None
+            self._close_socks()
             return Probe(False, f"the kernel has no IPVS (generic netlink family IPVS: {e})")
         try:
             subprocess.run(["nft", "--version"], capture_output=True, check=True)
@@ -389,22 +403,15 @@ class IpvsDatapath:
 
     def _reaper(self) -> None:
         """Remove drained real servers (graceful termination), from a thread of its
-        own with its own IPVS socket (pyroute2 0.9 transports are per thread)."""
-        from pyroute2 import IPVS
-
-        ipvs = None
+        own (so with an IPVS socket of its own)."""
         while not self._stop.wait(1.0):
             if not self._draining:
                 continue
             try:
-                if ipvs is None:
-                    ipvs = IPVS(netns=self.cfg.netns) if self.cfg.netns else IPVS()
                 with self._lock:
-                    self._reap(ipvs)
+                    self._reap(self._sock())
             except Exception as e:  # noqa: BLE001 - retried next second
                 log.warning("ipvs datapath: draining real servers failed: %s", e)
-        if ipvs is not None:
-            ipvs.close()
 
     def _reap(self, ipvs: Any) -> None:
         from pyroute2 import IPVSDest
@@ -452,9 +459,10 @@ class IpvsDatapath:
         # Order: the companion rules (masquerade, drops) before the services they
         # qualify, the services before the addresses that let traffic reach them.
         try:
+            before = self._table_nodeport_ips()  # kpr's services may be on them
             self._nft(cmds)
             self._link()
-            have = self._read()
+            have = self._read(before)
             self._services = {}
             ops = self._apply_services(want, have)
             have_vips = self._link_addrs()
@@ -467,6 +475,7 @@ class IpvsDatapath:
         self._shadow, self._elements, self._vips = shadow, elements, vips
         self._entries.clear()
         self._entries.update(state)
+        self._flows.reset(state.values())
         return SyncResult(full=True, ops=ops + len(cmds), frontends=len(shadow))
 
     def _partial(self, diff: Diff) -> SyncResult:
@@ -517,6 +526,7 @@ class IpvsDatapath:
         self._shadow = shadow
         self._elements = +elements
         self._vips = +vips
+        self._flows.changed(changes)
         return SyncResult(full=False, ops=ops + len(cmds) + len(vip_add) + len(vip_del),
                           frontends=len(shadow))
 
@@ -528,6 +538,19 @@ class IpvsDatapath:
     def tables(self) -> list[str]:
         """The families whose companion table exists."""
         return [fam for fam in ("ip", "ip6") if self._list(fam)]
+
+    def _table_nodeport_ips(self) -> set[str]:
+        """The NodePort addresses of the last full sync, from the companion table
+        (so a restart finds them too)."""
+        out: set[str] = set()
+        pre = ["nsenter", f"--net=/run/netns/{self.cfg.netns}"] if self.cfg.netns else []
+        for v in (4, 6):
+            p = subprocess.run([*pre, "nft", "-j", "list", "set", render.family(v),
+                                render.TABLE, "nodeport-ips"], capture_output=True, text=True)
+            if p.returncode == 0:
+                for o in json.loads(p.stdout)["nftables"]:
+                    out.update(str(e) for e in (o.get("set") or {}).get("elem", []))
+        return out
 
     def _list(self, fam: str) -> list[dict[str, Any]]:
         pre = ["nsenter", f"--net=/run/netns/{self.cfg.netns}"] if self.cfg.netns else []
@@ -563,9 +586,17 @@ class IpvsDatapath:
             if hasattr(t, "stop"):
                 t.stop()
         self._threads = []
-        if self._ipvs is not None:
-            self._ipvs.close()
-            self._ipvs = None
+        self._close_socks()
+
+    def _close_socks(self) -> None:
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for ipvs in socks:
+            try:
+                ipvs.close()
+            except Exception as e:  # noqa: BLE001 - closing is best effort
+                log.debug("ipvs datapath: closing a socket: %s", e)
+        self._local = threading.local()
 
     def cleanup(self) -> None:
         with self._lock:

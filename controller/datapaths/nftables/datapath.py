@@ -256,6 +256,7 @@ class NftablesDatapath:
         shadow: dict[Frontend, render.Rendered] = {}
         self._vips = {}
         self.unprogrammed = {}
+        clients = self._affinity_clients()
         for e in state.values():
             r = self._render(e)
             if r is None:
@@ -263,6 +264,8 @@ class NftablesDatapath:
             shadow[e.frontend] = r
             self._vip_ref(r, +1, out)
             out += render.create(r)
+            for name in r.sets:
+                out += render.affinity_elements(r.fam, name, clients.get((r.fam, name), ()))
         self._shadow = {}
         try:
             self._run(out)
@@ -273,6 +276,36 @@ class NftablesDatapath:
         self._flows.reset(state.values())
         self._addrs = facts
         return SyncResult(full=True, ops=len(out), frontends=len(shadow))
+
+    def _affinity_clients(self) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        """(family, affinity set) -> its clients with seconds left to their expiry.
+
+        A full sync replaces the tables, affinity sets included; it adds these back
+        in the same transaction, so ClientIP affinity outlives it (as it outlives
+        kube-proxy's full syncs, which flush chains but not sets). Clients that a
+        packet adds between this listing and the transaction are lost: they choose
+        afresh once. ``list sets`` also lists other tables' sets (nft 1.0.6 ignores
+        ``table`` there), and never maps: kpr's big maps are not read."""
+        out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for _, fam in FAMILIES:
+            p = subprocess.run(self._argv("-j", "list", "sets", fam),
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                log.warning("nftables datapath: cannot read affinity sets (%s): %s",
+                            fam, p.stderr.strip()[:200])
+                continue
+            for o in json.loads(p.stdout)["nftables"]:
+                body = o.get("set")
+                if not body or body.get("table") != render.TABLE or \
+                        not str(body.get("name", "")).startswith("aff-"):
+                    continue
+                for el in body.get("elem", []):
+                    el = el.get("elem", el) if isinstance(el, dict) else el
+                    if isinstance(el, dict) and isinstance(el.get("val"), str) \
+                            and el.get("expires"):
+                        out.setdefault((fam, body["name"]), []).append(
+                            (el["val"], int(el["expires"])))
+        return out
 
     def canonical(self, state: Iterable[ServiceEntry]) -> State:
         """The State ``dump()`` returns once ``state`` is programmed."""

@@ -46,6 +46,7 @@ This module is pure: it renders text and never runs nft.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from controller.model import (
@@ -94,6 +95,14 @@ def aff_set(ep: str, timeout: int) -> str:
     """The affinity set of an endpoint chain; the timeout is in the name, so a new
     timeout is a new set (nft cannot change a set's timeout in place)."""
     return f"aff-{ep[3:]}-{timeout}"
+
+
+def affinity_elements(fam: str, name: str, clients: Iterable[tuple[str, int]]) -> list[str]:
+    """Commands putting clients back into an affinity set, each with the seconds it
+    had left (``expires`` on add: kernel >= 5.3). The set's timeout is in its name."""
+    timeout = int(name.rsplit("-", 1)[1])
+    els = [f"{ip} timeout {timeout}s expires {min(left, timeout)}s" for ip, left in clients]
+    return [f"add element {fam} {TABLE} {name} {{ {', '.join(els)} }}"] if els else []
 
 
 def addr(ip: IPAddress) -> str:

@@ -56,7 +56,7 @@ def test_full_and_partial_syncs_read_back(netns: str) -> None:
 
 
 @needs_ipvs
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=5, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seq=st.lists(states, min_size=1, max_size=4))
 def test_incremental_syncs_end_where_one_full_sync_ends(

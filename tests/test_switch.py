@@ -1,7 +1,9 @@
 """Choosing and switching datapaths through the real ``kpr run``: ``auto`` falls back
 to nftables when bpf() is denied, and a restart with another datapath (every one
 this machine has: ebpf, nftables, iptables over both back ends) under live
-traffic leaves nothing of the previous one behind."""
+traffic leaves nothing of the previous one behind. The switches into and out of
+IPVS run in the VM (tests/test_ipvs_vm.py): this kernel has no IPVS, and the VM's
+has no headers for bcc, so each has its own sequence."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from controller.datapaths.ebpf import tc
+from controller.datapaths.ipvs.datapath import IpvsConfig, IpvsDatapath
 from controller.testbed import (
     Testbed,
     in_netns,
@@ -68,6 +71,12 @@ class Node:
         return sum(in_netns(self.tb.node, lambda fam=fam: subprocess.run(
             [f"{fam}tables-{backend}-save"], capture_output=True, text=True).stdout
         ).count("\n:KPR-") for fam in ("ip", "ip6"))
+
+    def ipvs(self) -> bool:
+        """Anything of the IPVS datapath: its companion table or its dummy link."""
+        return "table ip kpr-ipvs\n" in self.nft_tables() or "kpr-ipvs0" in in_netns(
+            self.tb.node, lambda: subprocess.run(["ip", "link"], capture_output=True,
+                                                 text=True).stdout)
 
     def filters(self) -> list[str]:
         return [a.name for a in in_netns(self.tb.node, tc.list_attachments)]
@@ -153,9 +162,19 @@ class Load:
 SWITCHES = ("nftables", "iptables-nft", "iptables-legacy", "ebpf", "iptables-nft", "ebpf",
             "nftables")
 """Every datapath here, each one entered from at least two others."""
+SWITCHES_IPVS = ("ipvs", "iptables-nft", "ipvs", "nftables")
+"""In the VM, from nftables: IPVS entered from, and left to, both rule writers
+(iptables-legacy shares iptables-nft's code and order; each switch costs about 20 s
+of emulated CPU)."""
 
 
-def test_switching_datapaths_under_traffic_leaves_nothing_behind(node: Node) -> None:
+@pytest.mark.parametrize("first,switches", [
+    pytest.param("ebpf", SWITCHES, id="host"),
+    pytest.param("nftables", SWITCHES_IPVS, id="ipvs", marks=pytest.mark.skipif(
+        not IpvsDatapath(IpvsConfig()).probe().ok,
+        reason="this kernel has no IPVS (tests/test_ipvs_vm.py runs this in a VM)"))])
+def test_switching_datapaths_under_traffic_leaves_nothing_behind(
+        node: Node, first: str, switches: tuple[str, ...]) -> None:
     pin_dir = TEST_PIN_ROOT / node.instance
 
     def only(mode: str) -> bool:
@@ -163,22 +182,21 @@ def test_switching_datapaths_under_traffic_leaves_nothing_behind(node: Node) -> 
         ebpf = bool(node.filters()) or pin_dir.exists()
         tables = node.nft_tables()
         ipt = {b: node.ipt_chains(b) for b in ("nft", "legacy")}
-        want = {"ebpf": mode == "ebpf", "nftables": mode == "nftables",
-                "iptables-nft": mode == "iptables-nft",
-                "iptables-legacy": mode == "iptables-legacy"}
         # iptables-nft's own nat and filter tables go with kpr's chains (nothing
         # else here uses them)
-        nft_ipt_tables = "table ip nat" in tables or "table ip6 filter" in tables
-        return (ebpf == want["ebpf"] and ("table ip kpr" in tables) == want["nftables"]
-                and bool(ipt["nft"]) == want["iptables-nft"] == nft_ipt_tables
-                and bool(ipt["legacy"]) == want["iptables-legacy"])
+        nft_ipt_tables = "table ip nat\n" in tables or "table ip6 filter\n" in tables
+        return (ebpf == (mode == "ebpf")
+                and ("table ip kpr\n" in tables) == (mode == "nftables")
+                and bool(ipt["nft"]) == (mode == "iptables-nft") == nft_ipt_tables
+                and bool(ipt["legacy"]) == (mode == "iptables-legacy")
+                and node.ipvs() == (mode == "ipvs"))
 
-    p = node.run("--proxy-mode", "ebpf")
+    p = node.run("--proxy-mode", first)
     wait_until(lambda: _serving(node), timeout=60)
     load = Load(node.tb.pods["client"].ns)
     try:
         report = []
-        for mode in SWITCHES:
+        for mode in switches:
             before_ok, before_failed = load.ok, len(load.failed)
             node.stop(p)  # no cleanup on exit: the old datapath keeps forwarding
             flags = ["--proxy-mode", mode] if not mode.startswith("iptables") else \

@@ -380,7 +380,7 @@ def cleanup(netns: str | None = None, backends: tuple[str, ...] = BACKENDS) -> i
             save, restore = _tool(v, backend, "save"), _tool(v, backend, "restore")
             if shutil.which(save) is None or shutil.which(restore) is None:
                 continue
-            out = render.Restore()
+            out = render.Restore(removing=True)
             empty: list[str] = []
             for t in TABLES:
                 p = subprocess.run([*pre, save, "-t", t], capture_output=True, text=True)

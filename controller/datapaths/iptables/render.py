@@ -308,9 +308,16 @@ def cluster_ip_rules(ip: IPAddress) -> list[str]:
 class Restore:
     """One ``iptables-restore --noflush`` input: per table, chain declarations
     (which create or flush a chain), then rule deletions, additions, and chain
-    deletions, in that order, so every step is valid when iptables applies it."""
+    deletions, in that order, so every step is valid when iptables applies it.
 
-    def __init__(self) -> None:
+    Each table is its own commit (iptables-legacy replaces one table at a time), so
+    the tables' order matters to a packet that arrives between two: ``nat`` is
+    written before ``filter``, and removed after it (``removing=True``). Otherwise,
+    in a switch to or from IPVS, KPR-CLUSTER-IPS would refuse the ClusterIP
+    packets that IPVS, not kpr's DNAT, was about to take."""
+
+    def __init__(self, removing: bool = False) -> None:
+        self.order = ("filter", "nat") if removing else ("nat", "filter")
         self.declare: dict[str, list[str]] = {"nat": [], "filter": []}
         self.delete: dict[str, list[str]] = {"nat": [], "filter": []}
         self.add: dict[str, list[str]] = {"nat": [], "filter": []}
@@ -327,7 +334,7 @@ class Restore:
 
     def text(self) -> str:
         out: list[str] = []
-        for t in ("nat", "filter"):
+        for t in self.order:
             body = [f":{c} - [0:0]" for c in dict.fromkeys(self.declare[t])]
             body += self.delete[t] + self.add[t] + [f"-X {c}" for c in self.remove[t]]
             if body:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -458,6 +459,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from controller.bench import harness, report
+
+    cfg = harness.QUICK if args.quick else harness.BenchConfig()
+    over: dict[str, Any] = {}
+    try:
+        if args.scales:
+            over["scales"] = tuple(int(x) for x in args.scales.split(","))
+        if args.endpoints is not None:
+            if not 1 <= args.endpoints <= 64:
+                raise ValueError(f"--endpoints {args.endpoints}: 1 to 64")
+            over["endpoints"] = args.endpoints
+    except ValueError as e:
+        print(f"kpr bench: {e}", file=sys.stderr)
+        return 2
+    if args.datapaths:
+        over["datapaths"] = tuple(x.strip() for x in args.datapaths.split(",") if x.strip())
+    for k in ("connections", "repeats"):
+        if getattr(args, k) is not None:
+            over[k] = getattr(args, k)
+    over["pin"] = args.pin
+    over["out"] = Path(args.out)
+    cfg = dataclasses.replace(cfg, **over)
+    if os.geteuid() != 0:
+        print("kpr bench: needs root (network namespaces, BPF, netfilter)", file=sys.stderr)
+        return 2
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = len(cfg.scales) * cfg.repeats * (1 + len(harness.available(cfg.datapaths)))
+    with Progress(TextColumn("{task.description:<45}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()) as bar:
+        task = bar.add_task("starting", total=total)
+        first = [True]
+
+        def step(desc: str) -> None:
+            if not first[0]:
+                bar.advance(task)
+            first[0] = False
+            bar.update(task, description=desc)
+        try:
+            r = harness.run(cfg, step)
+        except RuntimeError as e:
+            print(f"kpr bench: {e}", file=sys.stderr)
+            return 1
+        bar.update(task, completed=total, description="done")
+    summary = report.write(r, cfg.out, Path(args.json) if args.json else None)
+    report.print_table(summary)
+    for t, v, ok in report.ebpf_targets(summary):
+        print(f"  eBPF target: {t}: {v}" + ("" if ok is None else (" ✓" if ok else " ✗")))
+    errors = [x for x in r.results if "error" in x]
+    for x in errors:
+        print(f"kpr bench: {x['datapath']} at {x['services']} failed: "
+              f"{x['error'].splitlines()[-1] if x['error'] else '?'}", file=sys.stderr)
+    print(f"wrote {cfg.out / 'benchmarks.md'} and the plots beside it")
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kpr", description="Kubernetes Service proxy with an "
                                 "eBPF datapath.")
@@ -535,6 +593,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="a node in network namespaces with real traffic")
     d.add_argument("--requests", type=int, default=60)
     d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="every datapath side by side: control and data plane",
+                       description="Generates N Services, programs them through each "
+                       "available datapath in turn, measures programming and change times "
+                       "and new-connection latency against the direct-to-backend floor; "
+                       "writes JSON, PNG plots and benchmarks.md (root).")
+    b.add_argument("--quick", action="store_true",
+                   help="100 and 1,000 Services, 2,000 connections, one round (< 3 min)")
+    b.add_argument("--scales", help="Service counts, comma-separated "
+                   "(default 100,1000,10000,50000)")
+    b.add_argument("--endpoints", type=int, help="endpoints per Service (2-10, default 4)")
+    b.add_argument("--datapaths", help="comma-separated (default: every one available; "
+                   "ebpf, nftables, ipvs, iptables, iptables-legacy)")
+    b.add_argument("--connections", type=int, help="new connections per target and round "
+                   "(default 10,000)")
+    b.add_argument("--repeats", type=int, help="interleaved rounds (default 3)")
+    b.add_argument("--pin", action="store_true",
+                   help="pin the client to CPU 0 and nginx to CPU 1 (default: unpinned)")
+    b.add_argument("--out", default="docs", help="directory for benchmarks.md, plots, JSON")
+    b.add_argument("--json", help="JSON results path (default OUT/benchmarks.json)")
+    b.set_defaults(fn=cmd_bench)
 
     v = sub.add_parser("version")
     v.set_defaults(fn=lambda a: print(f"kpr {__version__}") or 0)

@@ -409,9 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> int:
     """``python -m controller.fakeapi --generate N``: serve N generated Services from a
     process of its own (so that a measurement of kpr does not share its interpreter
-    with the server). Prints ``ready PORT`` once serving; stops on SIGTERM or when
-    stdin closes."""
+    with the server). Prints ``ready PORT`` once serving; then each line of JSON on
+    stdin is an object to create or replace (answered "ok"); stops on SIGTERM or
+    when stdin closes."""
     import argparse
+    import json
     import sys
 
     from controller.bench.coldstart import objects
@@ -421,13 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--generate", type=int, default=0, metavar="N")
     p.add_argument("--endpoints", type=int, default=2)
+    p.add_argument("--real", default="{}", help="JSON: Service index -> endpoint addresses")
     args = p.parse_args(argv)
+    real = {int(k): v for k, v in json.loads(args.real).items()}
     srv = FakeApiServer(args.host, args.port, bookmark_interval=5.0)
-    srv.apply_many(objects(args.generate, args.endpoints))
+    srv.apply_many(objects(args.generate, args.endpoints, real=real))
     srv.start()
     print(f"ready {srv.port}", flush=True)
     try:
-        sys.stdin.read()
+        for line in sys.stdin:
+            if line.strip():
+                srv.apply(json.loads(line))
+                print("ok", flush=True)
     except KeyboardInterrupt:
         pass
     srv.stop()

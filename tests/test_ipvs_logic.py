@@ -85,7 +85,7 @@ class FakeIPVS:
             raise AssertionError(f"dest({cmd!r}): the writer never sends it")
         return []
 
-    def read(self) -> dict[render.VKey, Held]:
+    def read(self, nodeport_ips: Any = ()) -> dict[render.VKey, Held]:
         out = {}
         for k, dests in self.dests.items():
             version = 4 if k[0] == socket.AF_INET else 6

@@ -28,28 +28,44 @@ import yaml
 from controller.fakeapi import FakeApiServer
 
 
-def objects(n: int, endpoints: int = 2, namespace: str = "bench") -> list[dict[str, Any]]:
-    """n ClusterIP Services (one TCP port) and one EndpointSlice each."""
-    out: list[dict[str, Any]] = []
-    vip0 = int(ipaddress.IPv4Address("10.96.0.0"))
+def vip(i: int) -> str:
+    """The ClusterIP of generated Service i."""
+    return str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.96.0.0")) + 1 + i))
+
+
+def slice_of(i: int, addresses: list[str], namespace: str = "bench") -> dict[str, Any]:
+    """The EndpointSlice of generated Service i, with these endpoint addresses."""
+    eps = [{"addresses": [a], "conditions": {"ready": True, "serving": True,
+                                             "terminating": False},
+            "nodeName": f"node-{j}"} for j, a in enumerate(addresses)]
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"svc-{i}-abcde", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": f"svc-{i}"}},
+            "addressType": "IPv4", "endpoints": eps,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+
+def fake_endpoints(i: int, endpoints: int) -> list[str]:
+    """Endpoint addresses of generated Service i: in 10.128/9, where nothing answers."""
     ep0 = int(ipaddress.IPv4Address("10.128.0.0"))
+    return [str(ipaddress.IPv4Address(ep0 + i * endpoints + j)) for j in range(endpoints)]
+
+
+def objects(n: int, endpoints: int = 2, namespace: str = "bench",
+            real: dict[int, list[str]] | None = None) -> list[dict[str, Any]]:
+    """n ClusterIP Services (one TCP port) and one EndpointSlice each. Services in
+    ``real`` get those endpoint addresses (the benchmark's live backends); the
+    others get ``endpoints`` addresses nothing answers on."""
+    out: list[dict[str, Any]] = []
     for i in range(n):
-        name = f"svc-{i}"
-        vip = str(ipaddress.IPv4Address(vip0 + 1 + i))
         out.append({"apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
+                    "metadata": {"name": f"svc-{i}", "namespace": namespace},
+                    "spec": {"type": "ClusterIP", "clusterIP": vip(i), "clusterIPs": [vip(i)],
                              "ipFamilies": ["IPv4"],
                              "ports": [{"name": "http", "port": 80, "protocol": "TCP",
                                         "targetPort": 8080}]}})
-        eps = [{"addresses": [str(ipaddress.IPv4Address(ep0 + i * endpoints + j))],
-                "conditions": {"ready": True, "serving": True, "terminating": False},
-                "nodeName": f"node-{j}"} for j in range(endpoints)]
-        out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": f"{name}-abcde", "namespace": namespace,
-                                 "labels": {"kubernetes.io/service-name": name}},
-                    "addressType": "IPv4", "endpoints": eps,
-                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+        out.append(slice_of(i, (real or {}).get(i) or fake_endpoints(i, endpoints),
+                            namespace))
     return out
 
 
@@ -83,14 +99,16 @@ class ColdStart:
 class ServerProcess:
     """The fake API server in a process of its own, serving generated objects."""
 
-    def __init__(self, n: int, endpoints: int = 2) -> None:
+    def __init__(self, n: int, endpoints: int = 2,
+                 real: dict[int, list[str]] | None = None) -> None:
+        import json
         import subprocess
         import sys
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.fakeapi", "--generate", str(n),
-             "--endpoints", str(endpoints)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True)
+             "--endpoints", str(endpoints), "--real", json.dumps(real or {})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         if line[:1] != ["ready"]:
@@ -101,6 +119,17 @@ class ServerProcess:
 
     def kubeconfig(self) -> dict[str, Any]:
         return FakeApiServer(port=self.port).kubeconfig()
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        """Create or replace one object in the server (a line of JSON on its stdin;
+        it answers "ok" once stored)."""
+        import json
+
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline().strip() != "ok":
+            raise RuntimeError("the fake API server did not store the object")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -114,7 +143,8 @@ class ServerProcess:
 
 
 def cold_start(n: int, datapath: Any, endpoints: int = 2,
-               separate_process: bool = True) -> ColdStart:
+               separate_process: bool = True,
+               real: dict[int, list[str]] | None = None) -> ColdStart:
     """Serve n Services, then time list -> translate -> program into ``datapath``
     (started by the caller). The caller must close() the result. With
     ``separate_process`` the API server runs in its own process, as a real one does;
@@ -126,10 +156,10 @@ def cold_start(n: int, datapath: Any, endpoints: int = 2,
 
     server: Any
     if separate_process:
-        server = ServerProcess(n, endpoints)
+        server = ServerProcess(n, endpoints, real)
     else:
         server = FakeApiServer(bookmark_interval=5.0).start()
-        server.apply_many(objects(n, endpoints))
+        server.apply_many(objects(n, endpoints, real=real))
     kubeconfig = Path(tempfile.mkdtemp(prefix="kpr-bench-")) / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(server.kubeconfig()))
     tracker = ChangeTracker(NodeInfo(name="node-0"))

@@ -1,0 +1,188 @@
+"""``kpr bench`` output: the terminal table (rich), the JSON, the PNG plots
+(matplotlib, Agg) and docs/benchmarks.md, all from one run's summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from controller.bench.harness import Run, summarize
+
+TARGETS_EBPF = (
+    ("p50 at the largest scale within 10% of the floor", "x_floor_p50", 1.10),
+)
+
+
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def rows(summary: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for n, row in summary.items():
+        fl = row["floor"]
+        out.append([f"{int(n):,}", "floor (direct)", "", "", "", "", "", _f(fl["p50"]),
+                    _f(fl["p99"]), _f(fl["rate"], "{:.0f}"), "1.00", "", ""])
+        for mode, s in row.items():
+            if mode == "floor":
+                continue
+            if "error" in s:
+                out.append([f"{int(n):,}", mode, "error: " + s["error"].splitlines()[-1][:60]]
+                           + [""] * 10)
+                continue
+            out.append([f"{int(n):,}", mode, _f(s["full_sync_s"], "{:.2f}"),
+                        _f(s["change_p50_ms"]), _f(s["change_p99_ms"]),
+                        _f(s["change_to_traffic_ms"]), _f(s["peak_rss_mb"], "{:.0f}"),
+                        _f(s["tail_p50"]), _f(s["tail_p99"]), _f(s["tail_rate"], "{:.0f}"),
+                        _f(s["x_floor_p50"], "{:.2f}"), _f(s["x_iptables_p50"], "{:.2f}"),
+                        _f(s.get("bpf_ns_per_run"), "{:.0f}")])
+    return out
+
+
+HEADER = ["Services", "datapath", "full sync s", "1 change p50 ms", "1 change p99 ms",
+          "change→traffic ms", "peak RSS MB", "conn p50 µs", "conn p99 µs", "conn/s",
+          "p50 ×floor", "p50 ×iptables", "BPF ns/run"]
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="kpr bench (medians; latency: new connections to the tail Service)")
+    for h in HEADER:
+        t.add_column(h, justify="left" if h == "datapath" else "right")
+    for r in rows(summary):
+        t.add_row(*r)
+    import sys
+
+    # a pipe or a CI log is not 80 columns of terminal: do not fold the figures
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(summary)]
+    return "\n".join(lines)
+
+
+def plots(summary: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [int(n) for n in summary]
+    modes = list(dict.fromkeys(m for row in summary.values() for m in row if m != "floor"))
+    paths = []
+    for name, key, ylabel, with_floor in (
+            ("bench-latency.png", "tail_p50", "new-connection latency p50 (µs)", True),
+            ("bench-latency-p99.png", "tail_p99", "new-connection latency p99 (µs)", True),
+            ("bench-programming.png", "full_sync_s", "full programming time (s)", False),
+            ("bench-change.png", "change_p99_ms", "one Service change p99 (ms)", False)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in modes:
+            xs = [n for n in scales if "error" not in summary[str(n)].get(m, {"error": 1})]
+            ys = [summary[str(n)][m][key] for n in xs]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=m)
+        if with_floor:
+            ax.plot(scales, [summary[str(n)]["floor"][key.split("_")[1]] for n in scales],
+                    linestyle="--", color="grey", label="floor (direct to backend)")
+        ax.set_xscale("log")
+        if not with_floor:
+            ax.set_yscale("log")
+        ax.set_xlabel("Services")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for the eBPF datapath: (target, measured, met)."""
+    scales = sorted(int(n) for n in summary)
+    lo, hi = str(scales[0]), str(scales[-1])
+    e_hi = summary[hi].get("ebpf", {"error": "not run"})
+    e_lo = summary[lo].get("ebpf", {"error": "not run"})
+    if "error" in e_hi or "error" in e_lo:
+        return [("eBPF datapath", "not measured", None)]
+    out: list[tuple[str, str, bool | None]] = []
+    fl = summary[hi]["floor"]["p50"]
+    out.append((f"p50 at {int(hi):,} within 10% of the floor",
+                f"{e_hi['tail_p50']:.1f} µs vs {fl:.1f} µs (×{e_hi['tail_p50'] / fl:.3f})",
+                e_hi["tail_p50"] <= 1.10 * fl))
+    out.append((f"p50 at {int(hi):,} within 5% of p50 at {int(lo):,}",
+                f"×{e_hi['tail_p50'] / e_lo['tail_p50']:.3f}",
+                e_hi["tail_p50"] <= 1.05 * e_lo["tail_p50"]))
+    out.append((f"p99 at {int(hi):,} within 10% of p99 at {int(lo):,}",
+                f"×{e_hi['tail_p99'] / e_lo['tail_p99']:.3f}",
+                e_hi["tail_p99"] <= 1.10 * e_lo["tail_p99"]))
+    for other in ("nftables", "iptables"):
+        worse = [n for n in summary if other in summary[n] and "error" not in summary[n][other]
+                 and "ebpf" in summary[n] and "error" not in summary[n]["ebpf"]
+                 and summary[n]["ebpf"]["tail_p50"] > summary[n][other]["tail_p50"]]
+        ratios = ", ".join(
+            f"{int(n):,}: ×{summary[n]['ebpf']['tail_p50'] / summary[n][other]['tail_p50']:.2f}"
+            for n in summary if other in summary[n] and "error" not in summary[n][other]
+            and "ebpf" in summary[n] and "error" not in summary[n]["ebpf"])
+        out.append((f"p50 at or below {other} at every scale", ratios or "not measured",
+                    None if not ratios else not worse))
+    out.append((f"full programming at {int(hi):,} ≤ 2 s",
+                f"{e_hi['full_sync_s']:.2f} s", e_hi["full_sync_s"] <= 2.0))
+    out.append((f"one change at {int(hi):,} ≤ 10 ms p99",
+                f"{e_hi['change_p99_ms']:.2f} ms", e_hi["change_p99_ms"] <= 10.0))
+    out.append((f"controller peak RSS at {int(hi):,} ≤ 250 MB",
+                f"{e_hi['peak_rss_mb']:.0f} MB", e_hi["peak_rss_mb"] <= 250))
+    if e_hi.get("bpf_ns_per_run") is not None:
+        out.append((f"BPF program ≤ 150 ns per packet at {int(hi):,}",
+                    f"{e_hi['bpf_ns_per_run']:.0f} ns", e_hi["bpf_ns_per_run"] <= 150))
+    return out
+
+
+def write(r: Run, out: Path, json_path: Path | None = None) -> dict[str, Any]:
+    """JSON, plots and docs/benchmarks.md; returns the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(r)
+    doc = {"command": r.command, "machine": r.machine, "config": r.config,
+           "skipped": r.skipped, "summary": summary, "floors": r.floors,
+           "results": r.results}
+    (json_path or out / "benchmarks.json").write_text(json.dumps(doc, indent=1) + "\n")
+    pngs = plots(summary, out)
+    m = r.machine
+    targets = ebpf_targets(summary)
+    md = [
+        "# kpr bench: results",
+        "",
+        f"Command: `{r.command}` (rounds: {r.config['repeats']}, new connections per "
+        f"target and round: {r.config['connections']:,}, endpoints per Service: "
+        f"{r.config['endpoints']}).",
+        "",
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB, kernel {m['kernel']}, "
+        f"BPF JIT {'on' if m['bpf_jit'] else 'OFF'}, {m['nft']}, {m['iptables']}, "
+        f"Python {m['python']}.",
+        "",
+        "Medians over rounds; datapaths interleaved within each round. Latency is one new "
+        "TCP connection (connect, HTTP/1.0 request, response, close; a fresh source port "
+        "each) to the tail Service of the generated order, from a client pod through the "
+        "node to an nginx pod; the floor connects to the same nginx directly through the "
+        "same node with no datapath installed. Ratios are to the floor and to iptables "
+        "(nft back end) at the same scale.",
+        "",
+        markdown_table(summary),
+        "",
+    ]
+    if r.skipped:
+        md += ["Not measured here: " + "; ".join(f"{k} ({v})" for k, v in r.skipped.items())
+               + ".", ""]
+    md += ["## eBPF targets", "", "| target | measured | met |", "|---|---|---|"]
+    md += [f"| {t} | {v} | {'–' if ok is None else ('yes' if ok else 'no')} |"
+           for t, v, ok in targets]
+    md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    (out / "benchmarks.md").write_text("\n".join(md))
+    return summary

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -493,11 +494,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         task = bar.add_task("starting", total=total)
         first = [True]
 
+        t0 = time.monotonic()
+
         def step(desc: str) -> None:
             if not first[0]:
                 bar.advance(task)
             first[0] = False
             bar.update(task, description=desc)
+            if not bar.console.is_terminal:  # a CI log: one line per step instead
+                print(f"[{time.monotonic() - t0:6.0f} s] {desc}", flush=True)
         try:
             r = harness.run(cfg, step)
         except RuntimeError as e:

@@ -480,6 +480,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for k in ("connections", "repeats"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
+    if args.budget is not None:
+        over["budget_s"] = args.budget
     over["pin"] = args.pin
     over["out"] = Path(args.out)
     cfg = dataclasses.replace(cfg, **over)
@@ -514,6 +516,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for t, v, ok in report.ebpf_targets(summary):
         print(f"  eBPF target: {t}: {v}" + ("" if ok is None else (" ✓" if ok else " ✗")))
     errors = [x for x in r.results if "error" in x]
+    for x in r.results:
+        if "skipped" in x:
+            print(f"kpr bench: {x['datapath']} at {x['services']:,}: {x['skipped']}")
     for x in errors:
         print(f"kpr bench: {x['datapath']} at {x['services']} failed: "
               f"{x['error'].splitlines()[-1] if x['error'] else '?'}", file=sys.stderr)
@@ -616,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="interleaved rounds (default 3)")
     b.add_argument("--pin", action="store_true",
                    help="pin the client to CPU 0 and nginx to CPU 1 (default: unpinned)")
+    b.add_argument("--budget", type=float, help="skip a datapath at a scale where its full "
+                   "sync would take longer than this many seconds (default 600)")
     b.add_argument("--out", default="docs", help="directory for benchmarks.md, plots, JSON")
     b.add_argument("--json", help="JSON results path (default OUT/benchmarks.json)")
     b.set_defaults(fn=cmd_bench)

@@ -14,7 +14,7 @@ from controller.datapaths.ebpf.datapath import EbpfDatapath, cleanup
 from controller.kernel import prog_test_run
 from controller.model import Backend, Frontend, Protocol, ServiceEntry, ServiceFlag, State
 from tests.conftest import new_datapath
-from tests.packets import (
+from controller.packets import (
     ETH_HDR,
     ETH_HDR6,
     NEXTHDR_FRAGMENT,

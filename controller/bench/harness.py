@@ -57,6 +57,10 @@ class BenchConfig:
     """Changes timed until traffic uses them."""
     pin: bool = False
     """Pin the client and nginx to CPUs."""
+    budget_s: float = 600.0
+    """Longest full sync a datapath may be expected to take at the next scale
+    (extrapolated as O(n²) from the scale before); beyond it, it is skipped there,
+    with the reason in the results."""
     out: Path = Path("docs")
     """Where benchmarks.md, the plots and the JSON go."""
 
@@ -202,9 +206,15 @@ def run(cfg: BenchConfig, progress: Any = None) -> Run:
             _steady_client(client.ns)
             client_bin = _pinned_client(binary, client_cpu)
             _wait_serving(client_bin, client.ns, live["be0"])
+            done: dict[str, tuple[int, float]] = {}  # mode -> (scale, median full sync)
             for scale in cfg.scales:
+                skip = _over_budget(done, scale, cfg.budget_s)
+                for mode, why in skip.items():
+                    out.results.append({"datapath": mode, "services": scale, "skipped": why})
+                run_modes = [m for m in modes if m not in skip]
                 for rep in range(cfg.repeats):
-                    order = modes[rep % len(modes):] + modes[:rep % len(modes)]
+                    order = run_modes[rep % len(run_modes):] + run_modes[:rep % len(run_modes)] \
+                        if run_modes else []
                     if progress:
                         progress(f"{scale} Services: floor (round {rep + 1})")
                     floor = connlat(client_bin, client.ns, live["be0"], 8080,
@@ -213,9 +223,14 @@ def run(cfg: BenchConfig, progress: Any = None) -> Run:
                     for mode in order:
                         if progress:
                             progress(f"{scale} Services: {mode} (round {rep + 1})")
-                        r = _one(tb, mode, scale, cfg, live, client.ns, client_bin)
+                        r = _one(tb, mode, scale, cfg, live, client, client_bin)
                         r["round"] = rep
                         out.results.append(r)
+                for mode in run_modes:
+                    ts = [x["full_sync_s"] for x in out.results if x["services"] == scale
+                          and x["datapath"] == mode and "full_sync_s" in x]
+                    if ts:
+                        done[mode] = (scale, statistics.median(ts))
         finally:
             for s in servers:
                 s.stop()
@@ -237,6 +252,20 @@ def _steady_client(ns: str) -> None:
     from controller.testbed import sh
 
     sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_timestamps=2")
+
+
+def _over_budget(done: dict[str, tuple[int, float]], scale: int,
+                 budget: float) -> dict[str, str]:
+    """Datapaths whose full sync at ``scale``, extrapolated as O(n²) from the last
+    scale measured, would exceed ``budget`` seconds: mode -> why it is skipped."""
+    out = {}
+    for mode, (n, t) in done.items():
+        est = t * (scale / n) ** 2
+        if est > budget:
+            out[mode] = (f"skipped: its full sync took {t:.1f} s at {n:,} Services, so about "
+                         f"{est:.0f} s (O(n²)) at {scale:,}, over the {budget:.0f} s budget "
+                         "(kpr bench --budget)")
+    return out
 
 
 def _pinned_client(binary: str, cpu: int | None) -> str:
@@ -262,14 +291,15 @@ def _wait_serving(binary: str, ns: str, ip: str) -> None:
 
 
 def _one(tb: Any, mode: str, scale: int, cfg: BenchConfig, live: dict[str, str],
-         client_ns: str, client_bin: str) -> dict[str, Any]:
+         client: Any, client_bin: str) -> dict[str, Any]:
     from controller.testbed import kpr_argv
 
     instance = f"bench-{tb.prefix}"
     root = "/sys/fs/bpf/kpr-bench"
     argv = ["ip", "netns", "exec", tb.node, sys.executable, "-m", "controller.bench.one",
             "--datapath", mode, "--services", str(scale), "--endpoints", str(cfg.endpoints),
-            "--live", json.dumps(live), "--client-ns", client_ns, "--connlat", client_bin,
+            "--live", json.dumps(live), "--client-ns", client.ns, "--client-ip", client.ip,
+            "--connlat", client_bin,
             "--connections", str(cfg.connections), "--changes", str(cfg.changes),
             "--traffic-changes", str(cfg.traffic_changes),
             "--interfaces", f"{tb.prefix}p*", "--instance", instance, "--bpffs-root", root]
@@ -294,6 +324,8 @@ def summarize(r: Run) -> dict[str, Any]:
     """Medians over rounds: per scale, the floor and each datapath's figures."""
     out: dict[str, Any] = {}
     scales = sorted({x["services"] for x in r.results})
+    r_floor = {f["services"] for f in r.floors}
+    scales = [n for n in scales if n in r_floor]
     for n in scales:
         floors = [f for f in r.floors if f["services"] == n]
         row: dict[str, Any] = {"floor": {k: _med([f[k] for f in floors])
@@ -302,9 +334,9 @@ def summarize(r: Run) -> dict[str, Any]:
             rs = [x for x in r.results if x["services"] == n and x["datapath"] == mode
                   and "error" not in x]
             if not rs:
-                errs = [x.get("error", "") for x in r.results
-                        if x["services"] == n and x["datapath"] == mode]
-                row[mode] = {"error": errs[-1] if errs else "not run"}
+                why = [x.get("skipped") or x.get("error", "") for x in r.results
+                       if x["services"] == n and x["datapath"] == mode]
+                row[mode] = {"error": why[-1] if why else "not run"}
                 continue
             s: dict[str, Any] = {
                 "full_sync_s": _med([x["full_sync_s"] for x in rs]),
@@ -321,6 +353,9 @@ def summarize(r: Run) -> dict[str, Any]:
             if mode == "ebpf":
                 s["bpf_ns_per_run"] = _med([x["bpf"]["mean_ns_per_run"] for x in rs])
                 s["bpf_progs"] = rs[-1]["bpf"]["ns_per_run"]
+                for k in ("new_flow_ns", "established_ns", "reply_ns"):
+                    s[f"bpf_{k}"] = _med([x["bpf"]["test_run"][k] for x in rs
+                                          if "test_run" in x["bpf"]])
             row[mode] = s
         for mode, s in row.items():
             if mode == "floor" or "error" in s:

@@ -13,9 +13,14 @@ namespace as ``kpr run`` would be.
    to the first connection answered by the new endpoint is change-to-traffic.
 3. Data plane: the compiled client (connlat.c) opens ``connections`` new
    connections to each target Service from the client pod.
-4. eBPF only: the programs' own cost per packet (``kernel.bpf_stats_enabled``
-   on for a separate, shorter run; off during the latency runs), from each
-   program's fdinfo ``run_time_ns / run_cnt``.
+4. eBPF only: the programs' own cost per packet, two ways. BPF_PROG_TEST_RUN
+   feeds the loaded programs a packet in the kernel: a new flow's SYN to the tail
+   Service (lookup, backend choice, conntrack and NAT entries created), a packet
+   of an established flow (conntrack hit, DNAT), and a reply (reverse NAT at
+   egress). And ``kernel.bpf_stats_enabled``, on for a separate, shorter run of
+   real connections (off during the latency runs): each program's fdinfo
+   ``run_time_ns / run_cnt``, which also counts the two clock reads the
+   statistics add to every run.
 5. Kernel-side size: BPF map memlock, nft rules and elements, iptables rules.
 
 Prints one JSON object on stdout.
@@ -135,6 +140,25 @@ def bpf_cost(binary: str, client_ns: str, ip: str, count: int) -> dict[str, Any]
             "runs": total_cnt}
 
 
+def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, backend_ip: str,
+                      repeat: int = 100000) -> dict[str, float]:
+    """ns per run of the loaded programs on crafted packets (BPF_PROG_TEST_RUN)."""
+    from controller.kernel import prog_test_run
+    from controller.packets import frame
+
+    ingress, egress = dp.prog_fds["ingress"], dp.prog_fds["egress"]
+    new = []
+    for port in range(20000, 22000):  # a new flow each: a fresh source port
+        new.append(prog_test_run(ingress, frame(client_ip, vip, port, 80, flags=0x02))
+                   .duration_ns)
+    est = prog_test_run(ingress, frame(client_ip, vip, 20000, 80, flags=0x10),
+                        repeat=repeat).duration_ns
+    rev = prog_test_run(egress, frame(backend_ip, client_ip, 8080, 20000, flags=0x12),
+                        repeat=repeat).duration_ns
+    return {"new_flow_ns": statistics.median(new), "established_ns": float(est),
+            "reply_ns": float(rev)}
+
+
 def jit_enabled() -> bool:
     try:
         return Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip() != "0"
@@ -208,6 +232,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if mode == "ebpf":
             out["bpf"] = bpf_cost(args.connlat, args.client_ns,
                                   coldstart.vip(targets["tail"]), min(2000, args.connections))
+            out["bpf"]["test_run"] = bpf_test_run_cost(
+                dp, args.client_ip, coldstart.vip(targets["tail"]), live[names[0]])
         # one Service change at this scale, p50/p99 over ``changes``
         rng = random.Random(n)
         times = []
@@ -252,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoints", type=int, default=4)
     p.add_argument("--live", required=True, help="JSON: backend name -> address")
     p.add_argument("--client-ns", required=True)
+    p.add_argument("--client-ip", required=True)
     p.add_argument("--connlat", required=True)
     p.add_argument("--connections", type=int, default=10000)
     p.add_argument("--changes", type=int, default=20)

@@ -18,6 +18,14 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _bpf(s: dict[str, Any]) -> str:
+    """new flow / established / live-traffic mean, ns per run."""
+    if s.get("bpf_ns_per_run") is None:
+        return ""
+    return " / ".join(_f(s.get(k), "{:.0f}") for k in (
+        "bpf_new_flow_ns", "bpf_established_ns", "bpf_ns_per_run"))
+
+
 def rows(summary: dict[str, Any]) -> list[list[str]]:
     out = []
     for n, row in summary.items():
@@ -28,21 +36,22 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
             if mode == "floor":
                 continue
             if "error" in s:
-                out.append([f"{int(n):,}", mode, "error: " + s["error"].splitlines()[-1][:60]]
-                           + [""] * 10)
+                msg = s["error"].splitlines()[-1] if s["error"] else "?"
+                out.append([f"{int(n):,}", mode, msg if msg.startswith("skipped")
+                            else "error: " + msg[:100]] + [""] * 10)
                 continue
             out.append([f"{int(n):,}", mode, _f(s["full_sync_s"], "{:.2f}"),
                         _f(s["change_p50_ms"]), _f(s["change_p99_ms"]),
                         _f(s["change_to_traffic_ms"]), _f(s["peak_rss_mb"], "{:.0f}"),
                         _f(s["tail_p50"]), _f(s["tail_p99"]), _f(s["tail_rate"], "{:.0f}"),
                         _f(s["x_floor_p50"], "{:.2f}"), _f(s["x_iptables_p50"], "{:.2f}"),
-                        _f(s.get("bpf_ns_per_run"), "{:.0f}")])
+                        _bpf(s)])
     return out
 
 
 HEADER = ["Services", "datapath", "full sync s", "1 change p50 ms", "1 change p99 ms",
           "change→traffic ms", "peak RSS MB", "conn p50 µs", "conn p99 µs", "conn/s",
-          "p50 ×floor", "p50 ×iptables", "BPF ns/run"]
+          "p50 ×floor", "p50 ×iptables", "BPF ns: new / est. / live"]
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -139,9 +148,13 @@ def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 f"{e_hi['change_p99_ms']:.2f} ms", e_hi["change_p99_ms"] <= 10.0))
     out.append((f"controller peak RSS at {int(hi):,} ≤ 250 MB",
                 f"{e_hi['peak_rss_mb']:.0f} MB", e_hi["peak_rss_mb"] <= 250))
-    if e_hi.get("bpf_ns_per_run") is not None:
-        out.append((f"BPF program ≤ 150 ns per packet at {int(hi):,}",
-                    f"{e_hi['bpf_ns_per_run']:.0f} ns", e_hi["bpf_ns_per_run"] <= 150))
+    if e_hi.get("bpf_established_ns") is not None:
+        out.append((f"BPF program ≤ 150 ns per packet at {int(hi):,} (judged on an "
+                    "established flow's packet, BPF_PROG_TEST_RUN)",
+                    f"established {e_hi['bpf_established_ns']:.0f} ns, reply "
+                    f"{e_hi['bpf_reply_ns']:.0f} ns, new flow {e_hi['bpf_new_flow_ns']:.0f} ns;"
+                    f" live traffic with bpf_stats {e_hi['bpf_ns_per_run']:.0f} ns",
+                    e_hi["bpf_established_ns"] <= 150))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Building and checking raw Ethernet/IPv4/IPv6/TCP/UDP frames for BPF_PROG_TEST_RUN.
+"""Building and checking raw Ethernet/IPv4/IPv6/TCP/UDP frames for BPF_PROG_TEST_RUN
+(the BPF program tests, and the per-packet cost in `kpr bench`).
 
 The family of a frame follows its addresses (an address with ":" is IPv6)."""
 

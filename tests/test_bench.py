@@ -38,6 +38,7 @@ def test_quick_bench_runs_every_datapath_end_to_end(tmp_path: Path) -> None:
             assert r["full_ops"] > 0 and r["peak_rss_mb"] > 0
         ebpf = next(x for x in doc["results"] if x["services"] == n and x["datapath"] == "ebpf")
         assert ebpf["bpf"]["runs"] > 0 and ebpf["kernel"]["bpf_memlock_bytes"] > 0
+        assert all(v > 0 for v in ebpf["bpf"]["test_run"].values())
         floor = [f for f in doc["floors"] if f["services"] == n]
         assert floor and floor[0]["errors"] == 0
     md = (tmp_path / "benchmarks.md").read_text()

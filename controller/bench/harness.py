@@ -332,7 +332,7 @@ def summarize(r: Run) -> dict[str, Any]:
                                          for k in ("p50", "p90", "p99", "rate")}}
         for mode in dict.fromkeys(x["datapath"] for x in r.results):
             rs = [x for x in r.results if x["services"] == n and x["datapath"] == mode
-                  and "error" not in x]
+                  and "error" not in x and "skipped" not in x]
             if not rs:
                 why = [x.get("skipped") or x.get("error", "") for x in r.results
                        if x["services"] == n and x["datapath"] == mode]

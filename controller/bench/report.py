@@ -161,11 +161,13 @@ def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 def write(r: Run, out: Path, json_path: Path | None = None) -> dict[str, Any]:
     """JSON, plots and docs/benchmarks.md; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
+    path = json_path or out / "benchmarks.json"
+    doc: dict[str, Any] = {"command": r.command, "machine": r.machine, "config": r.config,
+                           "skipped": r.skipped, "floors": r.floors, "results": r.results}
+    path.write_text(json.dumps(doc, indent=1) + "\n")  # the raw results first, always
     summary = summarize(r)
-    doc = {"command": r.command, "machine": r.machine, "config": r.config,
-           "skipped": r.skipped, "summary": summary, "floors": r.floors,
-           "results": r.results}
-    (json_path or out / "benchmarks.json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc["summary"] = summary
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     pngs = plots(summary, out)
     m = r.machine
     targets = ebpf_targets(summary)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(900)  # one boot runs ~75 tests under emulation: about 5 min
 def test_ipvs_datapath_passes_the_flow_table_in_a_vm() -> None:
     missing = [t for t in ("qemu-system-x86_64", "busybox") if shutil.which(t) is None]
     if qemu.find_kernel() is None:

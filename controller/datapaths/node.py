@@ -20,6 +20,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -192,3 +193,22 @@ class AddressWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+Facts = tuple[dict[int, tuple[IPAddress, ...]], dict[int, IPAddress]]
+"""(NodePort addresses per family, masquerade address per family)."""
+
+
+def facts_of(cfg: Any) -> Facts:
+    """``node_facts`` for a rule-based writer's config (the nftables, iptables and
+    IPVS configs share these fields)."""
+    return node_facts(cfg.netns, cfg.nodeport_addresses, cfg.cluster_cidrs,
+                      cfg.masquerade_all, cfg.masquerade_address)
+
+
+def log_facts(facts: Facts) -> None:
+    """Log what a node address change moved."""
+    nodeport, snat = facts
+    log.info("node addresses changed: NodePorts on %s; masquerading as %s",
+             ",".join(str(ip) for v in (4, 6) for ip in nodeport[v]) or "-",
+             ",".join(map(str, snat.values())) or "- (off)")

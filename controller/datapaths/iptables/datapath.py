@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from controller.datapaths import node
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.base import canonical_entry as shared_canonical
 from controller.datapaths.flows import UdpFlows
@@ -195,10 +196,8 @@ class IptablesDatapath:
 
     def start(self) -> None:
         """Watch the node's addresses; the first (full) sync creates the chains."""
-        from controller.datapaths.node import AddressWatcher
-
         if self._watcher is None:
-            self._watcher = AddressWatcher(self.refresh_node, self.cfg.netns)
+            self._watcher = node.AddressWatcher(self.refresh_node, self.cfg.netns)
 
     def refresh_node(self) -> None:
         """Rewrite the NodePort jumps and the masquerade rule if the node's addresses
@@ -207,7 +206,7 @@ class IptablesDatapath:
             if self._addrs is None:
                 return
             try:
-                facts = self._node_facts()
+                facts = node.facts_of(self.cfg)
                 if facts == self._addrs:
                     return
                 nodeport, snat = facts
@@ -220,16 +219,9 @@ class IptablesDatapath:
                 log.warning("iptables datapath: updating node addresses failed: %s", e)
                 return
             self._addrs = facts
-            log.info("node addresses changed: NodePorts on %s; masquerading as %s",
-                     ",".join(str(ip) for v in (4, 6) for ip in nodeport[v]) or "-",
-                     ",".join(map(str, snat.values())) or "- (off)")
+            node.log_facts(facts)
 
-    def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
-        from controller.datapaths.node import node_facts
 
-        c = self.cfg
-        return node_facts(c.netns, c.nodeport_addresses, c.cluster_cidrs, c.masquerade_all,
-                          c.masquerade_address)
     def _render(self, e: ServiceEntry) -> render.Rendered:
         self.unprogrammed.pop(e.frontend, None)
         return render.render(e, self.node)
@@ -288,7 +280,7 @@ class IptablesDatapath:
                           frontends=len(self._shadow))
 
     def _full(self, state: State) -> SyncResult:
-        facts = self._node_facts()
+        facts = node.facts_of(self.cfg)
         nodeport, snat = facts
         shadow: dict[Frontend, render.Rendered] = {}
         self._vips = {}

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from controller.datapaths import node
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.base import canonical_entry as shared_canonical
 from controller.datapaths.flows import UdpFlows
@@ -297,8 +298,6 @@ class IpvsDatapath:
         return Probe(True, "IPVS over generic netlink, nftables companion table")
 
     def start(self) -> None:
-        from controller.datapaths.node import AddressWatcher
-
         # the first request loads ip_vs (genl family autoload), which creates the
         # namespace's net.ipv4.vs sysctls
         try:
@@ -307,16 +306,10 @@ class IpvsDatapath:
             raise DatapathError(f"IPVS is not available: {e}") from e
         self._sysctls()
         if not self._threads:
-            self._threads = [AddressWatcher(self.refresh_node, self.cfg.netns)]
+            self._threads = [node.AddressWatcher(self.refresh_node, self.cfg.netns)]
             t = threading.Thread(target=self._reaper, daemon=True, name="kpr-ipvs-drain")
             t.start()
 
-    def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
-        from controller.datapaths.node import node_facts
-
-        c = self.cfg
-        return node_facts(c.netns, c.nodeport_addresses, c.cluster_cidrs, c.masquerade_all,
-                          c.masquerade_address)
     def refresh_node(self) -> None:
         """Node addresses changed: NodePort services move, the masquerade rule
         follows (a full sync: it compares and writes only the difference)."""
@@ -324,7 +317,7 @@ class IpvsDatapath:
             if self._addrs is None:
                 return
             try:
-                if self._node_facts() == self._addrs:
+                if node.facts_of(self.cfg) == self._addrs:
                     return
                 self._full(State(self._entries.values()))
             except (DatapathError, OSError) as e:
@@ -436,7 +429,7 @@ class IpvsDatapath:
                 self._draining.pop((k, d), None)
 
     def _full(self, state: State) -> SyncResult:
-        facts = self._node_facts()
+        facts = node.facts_of(self.cfg)
         nodeport, snat = facts
         self._addrs = facts
         shadow: dict[Frontend, render.Rendered] = {}
@@ -566,7 +559,7 @@ class IpvsDatapath:
         table, real servers (weight > 0) from IPVS."""
         with self._lock:
             if self._addrs is None:
-                self._addrs = self._node_facts()
+                self._addrs = node.facts_of(self.cfg)
             services = self._read()
             nodeport_ips = {str(ip) for v in (4, 6) for ip in self._addrs[0][v]}
         entries = []

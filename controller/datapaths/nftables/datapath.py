@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from controller.datapaths import node
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.base import canonical_entry as shared_canonical
 from controller.datapaths.flows import UdpFlows
@@ -154,10 +155,8 @@ class NftablesDatapath:
 
     def start(self) -> None:
         """Watch the node's addresses; the first (full) sync creates the tables."""
-        from controller.datapaths.node import AddressWatcher
-
         if self._watcher is None:
-            self._watcher = AddressWatcher(self.refresh_node, self.cfg.netns)
+            self._watcher = node.AddressWatcher(self.refresh_node, self.cfg.netns)
 
     def refresh_node(self) -> None:
         """Rewrite the NodePort addresses and the masquerade rule if the node's
@@ -166,7 +165,7 @@ class NftablesDatapath:
             if self._addrs is None:
                 return
             try:
-                facts = self._node_facts()
+                facts = node.facts_of(self.cfg)
                 if facts == self._addrs:
                     return
                 nodeport, snat = facts
@@ -176,16 +175,9 @@ class NftablesDatapath:
                 log.warning("nftables datapath: updating node addresses failed: %s", e)
                 return
             self._addrs = facts
-            log.info("node addresses changed: NodePorts on %s; masquerading as %s",
-                     ",".join(str(ip) for v in (4, 6) for ip in nodeport[v]) or "-",
-                     ",".join(map(str, snat.values())) or "- (off)")
+            node.log_facts(facts)
 
-    def _node_facts(self) -> tuple[dict[int, tuple[Any, ...]], dict[int, Any]]:
-        from controller.datapaths.node import node_facts
 
-        c = self.cfg
-        return node_facts(c.netns, c.nodeport_addresses, c.cluster_cidrs, c.masquerade_all,
-                          c.masquerade_address)
     def _render(self, e: ServiceEntry) -> render.Rendered | None:
         reason = _unsupported(e)
         if reason:
@@ -247,7 +239,7 @@ class NftablesDatapath:
         return SyncResult(full=False, ops=len(out), frontends=len(self._shadow))
 
     def _full(self, state: State) -> SyncResult:
-        facts = self._node_facts()
+        facts = node.facts_of(self.cfg)
         nodeport, snat = facts
         out: list[str] = []
         for v, fam in FAMILIES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -488,14 +489,14 @@ def parse_slice(obj: Any) -> EndpointSlice:
         ready = r.boolean(cond.get("ready"), f"{path}.conditions.ready", True)
         endpoints.append(Endpoint(
             addresses=tuple(addrs),
-            conditions=EndpointConditions(
-                ready=ready,
-                serving=r.boolean(cond.get("serving"), f"{path}.conditions.serving", True),
-                terminating=r.boolean(cond.get("terminating"),
-                                      f"{path}.conditions.terminating", False),
+            conditions=_conditions(
+                ready,
+                r.boolean(cond.get("serving"), f"{path}.conditions.serving", True),
+                r.boolean(cond.get("terminating"), f"{path}.conditions.terminating", False),
             ),
-            node_name=r.string(e.get("nodeName"), f"{path}.nodeName"),
-            zone=r.string(e.get("zone"), f"{path}.zone"),
+            # interned: a cluster has few nodes and zones and many endpoints
+            node_name=sys.intern(r.string(e.get("nodeName"), f"{path}.nodeName")),
+            zone=sys.intern(r.string(e.get("zone"), f"{path}.zone")),
             zone_hints=_hints(r, e, path, "forZones"),
             node_hints=_hints(r, e, path, "forNodes"),
         ))
@@ -522,10 +523,28 @@ def parse_slice(obj: Any) -> EndpointSlice:
     )
 
 
+_NO_HINTS: frozenset[str] = frozenset()
+"""Shared by every endpoint without hints: CPython 3.11 makes a new empty frozenset
+per frozenset(set()) call, 200 B each, 80 MB at 50,000 Services x 4 endpoints."""
+
+_CONDITIONS: dict[tuple[bool, bool, bool], EndpointConditions] = {}
+"""One shared instance per combination (they are immutable)."""
+
+
+def _conditions(ready: bool, serving: bool, terminating: bool) -> EndpointConditions:
+    key = (ready, serving, terminating)
+    c = _CONDITIONS.get(key)
+    if c is None:
+        c = _CONDITIONS.setdefault(key, EndpointConditions(*key))
+    return c
+
+
 def _hints(r: _Reader, e: Mapping[str, Any], path: str, which: str) -> frozenset[str]:
+    if e.get("hints") is None:
+        return _NO_HINTS
     hints = r.mapping(e.get("hints"), f"{path}.hints")
     out = set()
     for i, h in enumerate(r.seq(hints.get(which), f"{path}.hints.{which}")):
         h = r.mapping(h, f"{path}.hints.{which}[{i}]", required=True)
-        out.add(r.string(h.get("name"), f"{path}.hints.{which}[{i}].name"))
-    return frozenset(out)
+        out.add(sys.intern(r.string(h.get("name"), f"{path}.hints.{which}[{i}].name")))
+    return frozenset(out) if out else _NO_HINTS

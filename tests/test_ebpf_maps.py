@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from controller.datapaths.base import DatapathError
 from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
 from controller.datapaths.ebpf.loader import MapSizes
+from controller.datapaths.ebpf.maps import _PAIR, _U32, SCOPE_EXTERNAL
 from controller.model import (
     Backend,
     Diff,
@@ -57,6 +58,8 @@ def test_incremental_syncs_end_where_one_full_sync_ends(
         # the metric's running slot count matches the kernel's map
         assert round(dp.map_fill()["backend_slots"] * dp.maps.slots.max_entries) == \
             dp.maps.slots.count()
+        # the running frontend count (SyncResult.frontends) matches the shadow's keys
+        assert dp.maps.programmed() == sum(1 for _, scope in dp.maps._svc if scope == SCOPE_EXTERNAL)
         prev = cur
     owned = ("services", "names", "slots", "members", "backends", "ranges", "maglev", "vips")
     raw_incremental = {m: sorted(getattr(dp.maps, m).items()) for m in owned}
@@ -120,6 +123,27 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
     # name, VIP marker, slot, member, and backend 4/TCP deleted.
     assert r.ops == (4 + 1) + (5 + 1)
 
+
+
+def test_a_new_service_never_takes_the_id_of_an_orphan_being_pruned(
+        datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    """Slots and a member left by a service whose entry is gone (a crash between
+    map writes), with an id above every live one: the next full sync prunes them
+    after its writes, so a new service given that id would lose its own."""
+    dp1 = datapath_factory(start=False)
+    dp1.load()
+    dp1.sync(make_state({0: [1]}), None)
+    orphan = max(s.svc_id for s in dp1.maps._svc.values()) + 1
+    bid = next(iter(dp1.maps._be_refs))
+    dp1.maps.slots.update([(_PAIR.pack(orphan, 0), _U32.pack(bid))])
+    dp1.maps.members.update([(_PAIR.pack(orphan, bid), b"\x01")])
+    dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
+    dp2.load()
+    want = make_state({0: [1], 1: [1, 2]})
+    dp2.sync(want, None)
+    assert dp2.dump() == dp2.canonical(want.values())
+    assert dp2.maps.slots.count() == 3 and dp2.maps.members.count() == 3
+    assert orphan not in {s.svc_id for s in dp2.maps._svc.values()}
 
 def test_map_full_is_an_error_and_forces_a_full_sync(
         datapath_factory: Callable[..., EbpfDatapath]) -> None:

@@ -47,7 +47,9 @@ import ipaddress
 import os
 import socket
 import struct
+from array import array
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +83,12 @@ _RANGE_KEY = struct.Struct("=II16s")  # prefixlen, svc_id, addr
 _V4MAPPED = bytes(10) + b"\xff\xff"
 _NAME_LEN = 96
 _ONE = _U8.pack(1)
+assert array("I").itemsize == 4  # the maps' __u32 keys and values
+
+
+def _u32s(values: Iterable[int]) -> bytes:
+    """__u32s end to end in native order."""
+    return array("I", values).tobytes()
 
 Key = tuple[Frontend, int]
 """A services key: frontend and scope."""
@@ -112,7 +120,8 @@ class Record:
     scope: int
     """KPR_SCOPE_*."""
     backends: tuple[Backend, ...] = ()
-    """Backends for new flows, sorted, without flags."""
+    """Backends for new flows, sorted (their flags are not programmed; entry_of
+    drops them)."""
     flags: int = 0
     """KPR_SVC_F_*."""
     kind: FrontendKind = FrontendKind.CLUSTER_IP
@@ -129,34 +138,43 @@ class Record:
         return (self.frontend, self.scope)
 
 
+# ServiceFlag bits as ints: enum.Flag's operators run in Python (CPython 3.11), five
+# of them per entry were a tenth of a 50,000-Service full sync.
+_LOCAL_POLICY, _AFFINITY, _HAS_ENDPOINTS, _MAGLEV, _RANDOM = (
+    f.value for f in (ServiceFlag.LOCAL_POLICY, ServiceFlag.AFFINITY,
+                      ServiceFlag.HAS_ENDPOINTS, ServiceFlag.MAGLEV, ServiceFlag.RANDOM))
+
+
 def records(e: ServiceEntry, maglev_default: bool = False) -> list[Record]:
     """The services records of one entry (a TCP/UDP frontend of either family)."""
+    ef = e.flags.value
     external = e.kind != FrontendKind.CLUSTER_IP
-    local = bool(e.flags & ServiceFlag.LOCAL_POLICY)
     flags = F_EXTERNAL if external else 0
-    if e.flags & ServiceFlag.AFFINITY:
+    if ef & _AFFINITY:
         flags |= F_AFFINITY
-    if e.flags & ServiceFlag.MAGLEV or (maglev_default and not e.flags & ServiceFlag.RANDOM):
+    if ef & _MAGLEV or (maglev_default and not ef & _RANDOM):
         flags |= F_MAGLEV
     # Ranges of the other family do not apply, and if none is of this family the
     # frontend is open, as kube-proxy's per-family proxiers read the field.
-    ranges = tuple(n for n in e.source_ranges if n.version == e.frontend.ip.version)
-    if ranges:
-        flags |= F_SRC_RANGES
-    common: dict[str, Any] = dict(kind=e.kind, name=e.name, source_ranges=ranges,
-                                  affinity_timeout=e.affinity_timeout
-                                  if flags & F_AFFINITY else 0)
-    bare = tuple(Backend(b.ip, b.port) for b in e.backends)
-    if not local:
-        return [Record(e.frontend, SCOPE_EXTERNAL, bare, flags, **common)]
+    ranges: tuple[IPNetwork, ...] = ()
+    if e.source_ranges:
+        ranges = tuple(n for n in e.source_ranges if n.version == e.frontend.ip.version)
+        if ranges:
+            flags |= F_SRC_RANGES
+    aff = e.affinity_timeout if flags & F_AFFINITY else 0
+    if not ef & _LOCAL_POLICY:
+        return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, flags, e.kind, aff, ranges,
+                       e.name)]
     # Local: no local backend while the Service has endpoints elsewhere drops
     # (kube-proxy's "has no local endpoints" DROP); no endpoints at all rejects.
-    primary = flags | F_LOCAL | (F_DROP_EMPTY if e.flags & ServiceFlag.HAS_ENDPOINTS else 0)
+    primary = flags | F_LOCAL | (F_DROP_EMPTY if ef & _HAS_ENDPOINTS else 0)
     if not external:
-        return [Record(e.frontend, SCOPE_EXTERNAL, bare, primary, **common)]
+        return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, primary, e.kind, aff, ranges,
+                       e.name)]
     cluster = tuple(sorted({Backend(b.ip, b.port) for b in e.cluster_backends}))
-    return [Record(e.frontend, SCOPE_EXTERNAL, bare, primary | F_INTERNAL, **common),
-            Record(e.frontend, SCOPE_INTERNAL, cluster, flags, **common)]
+    return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, primary | F_INTERNAL, e.kind, aff,
+                   ranges, e.name),
+            Record(e.frontend, SCOPE_INTERNAL, cluster, flags, e.kind, aff, ranges, e.name)]
 
 
 def entry_of(primary: Record, twin: Record | None) -> ServiceEntry:
@@ -179,7 +197,9 @@ def entry_of(primary: Record, twin: Record | None) -> ServiceEntry:
         kw["cluster_backends"] = twin.backends
     if primary.source_ranges:
         kw["source_ranges"] = primary.source_ranges
-    return ServiceEntry.make(primary.frontend, primary.backends, primary.name,
+    # backend flags are not programmed: what the kernel holds has none
+    return ServiceEntry.make(primary.frontend, (Backend(b.ip, b.port) for b in primary.backends),
+                             primary.name,
                              kind=primary.kind, flags=flags,
                              affinity_timeout=primary.affinity_timeout, **kw)
 
@@ -290,6 +310,47 @@ class BpfMap:
         self.max_entries: int = table.max_entries
         self.batch = batch
         self.chunk = max(1, min(16384, self.BUFFER // (self.key_size + self.value_size)))
+
+    def update_packed(self, keys: bytes, vals: bytes) -> int:
+        """Update from keys and values already laid end to end (what the batch
+        syscall takes): no per-element Python object on the way."""
+        n = len(keys) // self.key_size
+        assert len(keys) == n * self.key_size and len(vals) == n * self.value_size
+        if not self.batch:
+            return self.update((keys[i * self.key_size:(i + 1) * self.key_size],
+                                vals[i * self.value_size:(i + 1) * self.value_size])
+                               for i in range(n))
+        for i in range(0, n, self.chunk):
+            m = min(self.chunk, n - i)
+            kb = ct.create_string_buffer(keys[i * self.key_size:(i + m) * self.key_size],
+                                         m * self.key_size)
+            vb = ct.create_string_buffer(vals[i * self.value_size:(i + m) * self.value_size],
+                                         m * self.value_size)
+            cnt = ct.c_uint32(m)
+            if self._lib.bpf_update_batch(self.fd, kb, vb, ct.byref(cnt)) != 0:
+                raise MapOpError(self.name, "update", ct.get_errno(), i + cnt.value, n)
+        return n
+
+    def delete_packed(self, keys: bytes) -> int:
+        """Delete keys laid end to end (see update_packed)."""
+        ks = self.key_size
+        if not self.batch:
+            return self.delete(keys[i:i + ks] for i in range(0, len(keys), ks))
+        blob = keys
+        n = len(blob) // ks
+        assert len(blob) == n * ks
+        for i in range(0, n, self.chunk):
+            m = min(self.chunk, n - i)
+            kb = ct.create_string_buffer(blob[i * ks:(i + m) * ks], m * ks)
+            cnt = ct.c_uint32(m)
+            if self._lib.bpf_delete_batch(self.fd, kb, ct.byref(cnt)) != 0:
+                err = ct.get_errno()
+                if err != errno.ENOENT:
+                    raise MapOpError(self.name, "delete", err, i + cnt.value, n)
+                # A key already gone (drift): delete the rest one by one.
+                for j in range(i + cnt.value, i + m):
+                    self._delete_one(blob[j * ks:(j + 1) * ks], i, n)
+        return n
 
     def update(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         items = list(items)
@@ -435,20 +496,25 @@ class ServiceMaps:
         self.maglev_size = maglev_size
         self._svc: dict[Key, _Svc] = {}
         self._vips: dict[IPAddress, int] = {}  # ClusterIP -> records using it
-        self._be_ids: dict[tuple[Backend, Protocol], int] = {}
+        # Backends are keyed by their packed map value (address, port, protocol):
+        # bytes hash once and cheaply, where (Backend, Protocol) tuples rehashed the
+        # ipaddress objects (hash(hex(int)) in CPython 3.11) at every use, which was
+        # a third of a 50,000-Service full sync.
+        self._be_ids: dict[bytes, int] = {}
         self._be_refs: dict[int, int] = {}
-        self._be_key_by_id: dict[int, tuple[Backend, Protocol]] = {}
+        self._be_key_by_id: dict[int, bytes] = {}
         self._next_svc_id = 1
         self._next_be_id = 1
         self._svc_ids_used: set[int] = set()
         self._slot_total = 0  # sum of len(backend_ids): fill() in O(1) per scrape
+        self._external = 0  # keys of SCOPE_EXTERNAL: programmed() in O(1) per sync
         self._adopted_tables: dict[int, bytes] = {}  # read back, not yet compared
 
     # ----- reading the kernel ---------------------------------------------------------
 
     def _read(self) -> tuple[dict[Key, tuple[int, int, tuple[int, int, int]]],
                              set[IPAddress], dict[int, dict[int, int]],
-                             dict[int, tuple[Backend, Protocol]], dict[int, str],
+                             dict[int, bytes], dict[int, str],
                              dict[int, list[IPNetwork]], set[tuple[int, int]],
                              dict[int, bytes]]:
         svcs: dict[Key, tuple[int, int, tuple[int, int, int]]] = {}
@@ -461,7 +527,7 @@ class ServiceMaps:
         for k, v in self.slots.items():
             sid, slot = _PAIR.unpack(k)
             slots.setdefault(sid, {})[slot] = _U32.unpack(v)[0]
-        backends = {_U32.unpack(k)[0]: unpack_backend(v) for k, v in self.backends.items()}
+        backends = {_U32.unpack(k)[0]: v for k, v in self.backends.items()}
         names = {_U32.unpack(k)[0]: v.split(b"\0", 1)[0].decode(errors="replace")
                  for k, v in self.names.items()}
         ranges: dict[int, list[IPNetwork]] = {}
@@ -485,6 +551,7 @@ class ServiceMaps:
                                   tuple(sorted(ranges.get(sid, []))), maglev=False)
         live = {s.svc_id: s for s in self._svc.values()}
         self._slot_total = sum(len(s.backend_ids) for s in self._svc.values())
+        self._external = sum(1 for _, scope in self._svc if scope == SCOPE_EXTERNAL)
         self._svc_ids_used = set(live)
         self._be_key_by_id = dict(backends)
         self._be_ids = {}
@@ -495,7 +562,10 @@ class ServiceMaps:
             for bid in s.backend_ids:
                 if bid in self._be_refs:
                     self._be_refs[bid] += 1
-        self._next_svc_id = max(self._svc_ids_used, default=0) + 1
+        # New ids start above every id any map mentions: an orphan's slots, members
+        # or name (pruned by this plan, after its writes) must not meet a new service.
+        self._next_svc_id = max(self._svc_ids_used | set(slots) | set(names) | set(ranges)
+                                | set(tables) | {sid for sid, _ in members}, default=0) + 1
         self._next_be_id = max(backends, default=0) + 1
         # prune what no live service uses; restore what a live one misses
         plan.slot_delete = [(sid, slot) for sid, m in slots.items() for slot in m
@@ -524,7 +594,8 @@ class ServiceMaps:
     def dump(self) -> State:
         """The State the kernel holds now (read from the maps, not the shadow), in the
         canonical form of :func:`canonical`."""
-        raw, _vips, slots, backends, names, ranges, _m, _t = self._read()
+        raw, _vips, slots, packed, names, ranges, _m, _t = self._read()
+        backends = {bid: unpack_backend(v) for bid, v in packed.items()}
         recs: dict[Key, Record] = {}
         for (f, scope), (sid, count, (flags, aff, kind)) in raw.items():
             own = slots.get(sid, {})
@@ -546,7 +617,7 @@ class ServiceMaps:
         return sid
 
     def _ref_backend(self, b: Backend, proto: Protocol, plan: Plan) -> int:
-        key = (Backend(b.ip, b.port), proto)
+        key = pack_backend(b, proto)
         bid = self._be_ids.get(key)
         if bid is None:
             while self._next_be_id in self._be_refs or self._next_be_id == 0:
@@ -556,7 +627,7 @@ class ServiceMaps:
             self._be_ids[key] = bid
             self._be_key_by_id[bid] = key
             self._be_refs[bid] = 0
-            plan.backend_write[bid] = pack_backend(b, proto)
+            plan.backend_write[bid] = key
         self._be_refs[bid] += 1
         return bid
 
@@ -583,7 +654,8 @@ class ServiceMaps:
             self._vips[ip] = n
 
     def _maglev_bytes(self, ids: tuple[int, ...]) -> bytes:
-        table = maglev_table([str(self._be_key_by_id[b][0]) for b in ids], self.maglev_size)
+        table = maglev_table([str(unpack_backend(self._be_key_by_id[b])[0]) for b in ids],
+                             self.maglev_size)
         return struct.pack(f"={self.maglev_size}I", *(ids[i] for i in table))
 
     def plan(self, changes: Iterable[tuple[Key, Record | None]],
@@ -609,23 +681,38 @@ class ServiceMaps:
                 self._slot_total -= len(old.backend_ids)
                 self._vip_ref(old, key, -1, plan)
                 del self._svc[key]
+                self._external -= key[1] == SCOPE_EXTERNAL
                 continue
             proto = key[0].protocol
             ids = tuple(self._ref_backend(b, proto, plan) for b in rec.backends)
             value = (rec.flags, rec.affinity_timeout, int(rec.kind))
             if old is None:
                 sid = self._alloc_svc_id()
-                old_ids: tuple[int, ...] = ()
-                old_ranges: tuple[IPNetwork, ...] = ()
-                old_maglev = False
                 self._vip_ref(rec, key, +1, plan)
-            else:
-                sid = old.svc_id
-                old_ids, old_ranges, old_maglev = old.backend_ids, old.ranges, old.maglev
-                unrefs += old_ids
-                if old.value[2] != rec.kind:  # e.g. an address moving from clusterIP to LB
-                    self._vip_ref(old, key, -1, plan)
-                    self._vip_ref(rec, key, +1, plan)
+                self._external += key[1] == SCOPE_EXTERNAL
+                # a new key: everything is written, no set arithmetic (full syncs
+                # from empty add 50,000 of these)
+                for i, bid in enumerate(ids):
+                    plan.slot_write[(sid, i)] = bid
+                plan.member_write.update([(sid, b) for b in ids])
+                if rec.source_ranges:
+                    plan.range_write.update([(sid, n) for n in rec.source_ranges])
+                maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
+                if maglev:
+                    table = self._maglev_bytes(ids)
+                    if self._adopted_tables.pop(sid, None) != table:
+                        plan.maglev_write[sid] = table
+                plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
+                plan.name_write[sid] = rec.name
+                self._slot_total += len(ids)
+                self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
+                continue
+            sid = old.svc_id
+            old_ids, old_ranges, old_maglev = old.backend_ids, old.ranges, old.maglev
+            unrefs += old_ids
+            if old.value[2] != rec.kind:  # e.g. an address moving from clusterIP to LB
+                self._vip_ref(old, key, -1, plan)
+                self._vip_ref(rec, key, +1, plan)
             for i, bid in enumerate(ids):
                 if i >= len(old_ids) or old_ids[i] != bid:
                     plan.slot_write[(sid, i)] = bid
@@ -641,9 +728,9 @@ class ServiceMaps:
                     plan.maglev_write[sid] = table
             elif old_maglev and not maglev:
                 plan.maglev_delete.add(sid)
-            if old is None or len(ids) != len(old_ids) or value != old.value:
+            if len(ids) != len(old_ids) or value != old.value:
                 plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
-            if old is None or old.name != rec.name:
+            if old.name != rec.name:
                 plan.name_write[sid] = rec.name
             self._slot_total += len(ids) - len(old_ids)
             self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
@@ -661,25 +748,33 @@ class ServiceMaps:
     # ----- applying -------------------------------------------------------------------
 
     def apply(self, plan: Plan) -> int:
-        """Write the plan to the kernel in the consistent order; returns ops done."""
-        self.backends.update((_U32.pack(bid), v) for bid, v in plan.backend_write.items())
-        self.slots.update((_PAIR.pack(sid, slot), _U32.pack(bid))
-                          for (sid, slot), bid in plan.slot_write.items())
-        self.members.update((_PAIR.pack(*m), _ONE) for m in plan.member_write)
-        self.maglev.update((_U32.pack(sid), t) for sid, t in plan.maglev_write.items())
+        """Write the plan to the kernel in the consistent order; returns ops done.
+
+        Integer keys and values are laid out with array('I') (native order, as the
+        maps' "=" structs) straight from the plan's dicts and sets: building a
+        (key, value) pair of bytes per element cost a quarter of a full sync."""
+        bw, sw, mw = plan.backend_write, plan.slot_write, plan.member_write
+        self.backends.update_packed(_u32s(bw), b"".join(bw.values()))
+        self.slots.update_packed(_u32s(chain.from_iterable(sw)), _u32s(sw.values()))
+        self.members.update_packed(_u32s(chain.from_iterable(mw)), _ONE * len(mw))
+        self.maglev.update_packed(_u32s(plan.maglev_write),
+                                  b"".join(plan.maglev_write.values()))
         self.ranges.update((pack_range(sid, n), _ONE) for sid, n in plan.range_write)
-        self.services.update((pack_svc_key(*key), v) for key, v in plan.svc_write.items())
-        self.vips.update((pack_addr(ip), _ONE) for ip in plan.vip_write)
-        self.names.update((_U32.pack(sid), name.encode()[: _NAME_LEN - 1].ljust(_NAME_LEN, b"\0"))
-                          for sid, name in plan.name_write.items())
-        self.services.delete(pack_svc_key(*key) for key in plan.svc_delete)
-        self.vips.delete(pack_addr(ip) for ip in plan.vip_delete)
-        self.names.delete(_U32.pack(sid) for sid in plan.name_delete)
+        self.services.update_packed(b"".join(pack_svc_key(*key) for key in plan.svc_write),
+                                    b"".join(plan.svc_write.values()))
+        self.vips.update_packed(b"".join(map(pack_addr, plan.vip_write)),
+                                _ONE * len(plan.vip_write))
+        self.names.update_packed(_u32s(plan.name_write), b"".join(
+            name.encode()[: _NAME_LEN - 1].ljust(_NAME_LEN, b"\0")
+            for name in plan.name_write.values()))
+        self.services.delete_packed(b"".join(pack_svc_key(*key) for key in plan.svc_delete))
+        self.vips.delete_packed(b"".join(map(pack_addr, plan.vip_delete)))
+        self.names.delete_packed(_u32s(plan.name_delete))
         self.ranges.delete(pack_range(sid, n) for sid, n in plan.range_delete)
-        self.maglev.delete(_U32.pack(sid) for sid in plan.maglev_delete)
-        self.members.delete(_PAIR.pack(*m) for m in plan.member_delete)
-        self.slots.delete(_PAIR.pack(sid, slot) for sid, slot in plan.slot_delete)
-        self.backends.delete(_U32.pack(bid) for bid in plan.backend_delete)
+        self.maglev.delete_packed(_u32s(plan.maglev_delete))
+        self.members.delete_packed(_u32s(chain.from_iterable(plan.member_delete)))
+        self.slots.delete_packed(_u32s(chain.from_iterable(plan.slot_delete)))
+        self.backends.delete_packed(_u32s(plan.backend_delete))
         return plan.ops()
 
     # ----- entry points ---------------------------------------------------------------
@@ -687,9 +782,11 @@ class ServiceMaps:
     def full_sync(self, recs: Iterable[Record]) -> int:
         plan = self.adopt_kernel()
         want = {r.key: r for r in recs}
-        keys = set(self._svc) | set(want)
-        self.plan(((k, want.get(k))
-                   for k in sorted(keys, key=lambda k: (k[0].sort_key(), k[1]))), plan)
+        # removals first, then the wanted records in the State's order (sorting
+        # 50,000 keys by address cost a tenth of the sync and bought nothing)
+        changes: list[tuple[Key, Record | None]] = [(k, None) for k in self._svc
+                                                    if k not in want]
+        self.plan(chain(changes, want.items()), plan)
         # a table read back whose service no longer uses Maglev
         plan.maglev_delete |= set(self._adopted_tables)
         self._adopted_tables = {}
@@ -701,8 +798,9 @@ class ServiceMaps:
         return self.apply(self.plan(changes))
 
     def programmed(self) -> int:
-        """Frontends programmed now (from the shadow; twins not counted)."""
-        return sum(1 for _, scope in self._svc if scope == SCOPE_EXTERNAL)
+        """Frontends programmed now (from the shadow; twins not counted). A counter
+        kept by plan(): counting the shadow made every partial sync O(n)."""
+        return self._external
 
     def scopes(self, f: Frontend) -> list[int]:
         """The scopes programmed for a frontend (from the shadow)."""

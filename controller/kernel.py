@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,69 @@ def sys_bpf(cmd: int, attr: ct.Structure) -> int:
     return int(ret)
 
 
+# ----- map elements and batches, without libbcc ----------------------------------------
+# Loading libbcc.so (linked against LLVM 14 and libclang-cpp 14 on Debian 12) costs the
+# controller 61 MB of RSS before any map exists; only the compile step, in a process of
+# its own (controller.datapaths.ebpf.build), needs it. These mirror libbpf's calls:
+# they return the syscall's result (0, or -1 with ctypes' errno set) rather than raise,
+# because batch callers read how far the kernel got before an error.
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
+
+
+class _ElemAttr(ct.Structure):
+    _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
+                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class _BatchAttr(ct.Structure):
+    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
+                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
+                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+def _raw(cmd: int, attr: ct.Structure) -> int:
+    return int(_libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr)))
+
+
+def _ptr(obj: Any) -> int:
+    return 0 if obj is None else ct.addressof(obj)
+
+
+def map_lookup_elem(fd: int, key: Any, value: Any) -> int:
+    return _raw(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=_ptr(key), value=_ptr(value)))
+
+
+def map_update_elem(fd: int, key: Any, value: Any, flags: int = 0) -> int:
+    return _raw(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_ptr(key), value=_ptr(value),
+                                               flags=flags))
+
+
+def map_delete_elem(fd: int, key: Any) -> int:
+    return _raw(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=_ptr(key)))
+
+
+def map_get_next_key(fd: int, key: Any, next_key: Any) -> int:
+    """``key`` None: the first key."""
+    return _raw(BPF_MAP_GET_NEXT_KEY, _ElemAttr(map_fd=fd, key=_ptr(key), value=_ptr(next_key)))
+
+
+def map_batch(cmd: int, fd: int, keys: Any, values: Any, count: ct.c_uint32,
+              in_batch: Any = None, out_batch: Any = None) -> int:
+    """BPF_MAP_{LOOKUP,UPDATE,DELETE}_BATCH; ``count`` is set to the elements done."""
+    attr = _BatchAttr(in_batch=_ptr(in_batch), out_batch=_ptr(out_batch), keys=_ptr(keys),
+                      values=_ptr(values), count=count.value, map_fd=fd)
+    ret = _raw(cmd, attr)
+    count.value = attr.count
+    return ret
+
+
 class _ObjAttr(ct.Structure):
     _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32),
                 ("file_flags", ct.c_uint32), ("path_fd", ct.c_int32), ("pad", ct.c_uint32)]
@@ -241,6 +305,24 @@ def obj_get(path: Path) -> int:
     """Open a pinned BPF object; returns a new fd."""
     raw = ct.create_string_buffer(os.fsencode(str(path)))
     return sys_bpf(BPF_OBJ_GET, _ObjAttr(pathname=ct.addressof(raw)))
+
+
+def possible_cpus() -> int:
+    """CPUs a per-CPU map has a slot for (/sys/devices/system/cpu/possible: "0-3,8")."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def map_info(fd: int) -> MapInfo:
+    """Type, key/value size and capacity of an open map."""
+    info = MapInfo()
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
+                                              info=ct.addressof(info)))
+    return info
 
 
 def pinned_map_info(path: Path) -> MapInfo | None:

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import pytest
 
 from controller.datapaths.ebpf.datapath import EbpfDatapath
+from controller.datapaths.ebpf.maps import BpfMap
 from controller.model import Backend, Diff, Frontend, Protocol, ServiceEntry, ServiceFlag, State
 from controller.testbed import Conn, Testbed, in_netns, probe, spread
+
+
+def conntrack(dp: EbpfDatapath) -> BpfMap:
+    assert dp.bpf is not None
+    return BpfMap(dp.bpf["conntrack"], "conntrack")
 
 pytestmark = pytest.mark.kernel
 
@@ -130,7 +136,7 @@ def test_maglev_keeps_flows_when_a_backend_goes(
     assert _udp_flows(client, ports, fam) == before  # the same flows hash the same
     less = entry(tb, fam, "abce", Protocol.UDP, 53, flags=ServiceFlag.MAGLEV)
     dp.sync(State([less]), Diff.between(State([full]), State([less])))
-    dp.bpf["conntrack"].clear()  # forget every flow: placement is the hash's alone
+    conntrack(dp).clear()  # forget every flow: placement is the hash's alone
     after = _udp_flows(client, ports, fam)
     survivors = [p for p in ports if before[p] != "d"]
     kept = sum(after[p] == before[p] for p in survivors) / len(survivors)
@@ -147,7 +153,7 @@ def test_random_reshuffles_flows_without_conntrack(
     client = tb.pods["client"].ns
     ports = range(42000, 42200)
     before = _udp_flows(client, ports, fam)
-    dp.bpf["conntrack"].clear()
+    conntrack(dp).clear()
     after = _udp_flows(client, ports, fam)
     assert sum(after[p] == before[p] for p in ports) / len(ports) < 0.5
 

@@ -17,18 +17,20 @@ network namespace; tests and simulated nodes run several on one machine.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any
 
 from controller import kernel
 from controller.datapaths.base import DatapathError, Probe, SyncResult
 from controller.datapaths.ebpf import loader, nodenet, sock, tc
 from controller.datapaths.ebpf.maps import (
+    BpfMap,
     Key,
     MapOpError,
     Record,
@@ -91,7 +93,7 @@ class EbpfDatapath:
 
     def __init__(self, cfg: EbpfConfig) -> None:
         self.cfg = cfg
-        self.bpf: Any = None
+        self.bpf: loader.Loaded | None = None
         self.maps: ServiceMaps | None = None
         self.attacher: tc.TcAttacher | None = None
         self.prog_fds: dict[str, int] = {}
@@ -115,9 +117,9 @@ class EbpfDatapath:
             return Probe(False, str(e))
         if not Path("/sys/kernel/btf/vmlinux").exists() and not Path("/proc/kallsyms").exists():
             return Probe(False, "no BPF support visible in this kernel")
-        try:
-            import bcc  # noqa: F401
-        except ImportError:
+        # found, not imported: importing bcc loads libbcc and LLVM (61 MB of RSS);
+        # only the build child imports it
+        if importlib.util.find_spec("bcc") is None:
             return Probe(False, "bcc's Python module is missing (Debian: python3-bpfcc)")
         return Probe(True, f"kernel headers from {h.how} ({h.path})")
 
@@ -141,16 +143,11 @@ class EbpfDatapath:
         """Compile and load the programs and maps, without attaching."""
         if self.bpf is not None:
             return
-        from bcc import BPF
-
-        self.bpf = loader.compile_program(self.cfg.pin_dir, self.cfg.sizes)
-        for direction in ("ingress", "egress"):
-            fn = self.bpf.load_func(f"kpr_{direction}", BPF.SCHED_CLS)
-            self.prog_fds[direction] = fn.fd
-        for name, attach_type in sock.PROGRAMS:
-            fn = self.bpf.load_func(f"kpr_sock_{name}", BPF.CGROUP_SOCK_ADDR,
-                                    attach_type=attach_type)
-            self.prog_fds[name] = fn.fd
+        try:
+            self.bpf = loader.load(self.cfg.pin_dir, self.cfg.sizes, programs=sock.PROGRAMS)
+        except loader.CompileError as e:
+            raise DatapathError(str(e)) from e
+        self.prog_fds = dict(self.bpf.prog_fds)
         self.maps = ServiceMaps(self.bpf, self.cfg.sizes.maglev_size)
         self.node_maps = nodenet.NodeMaps(self.bpf)
         if self.cfg.netns:
@@ -238,17 +235,23 @@ class EbpfDatapath:
     def cleanup(self) -> None:
         self.close()
         cleanup(self.cfg.pin_dir, self.cfg.netns)
+        if self.bpf is not None:
+            self.bpf.close()
+            self.bpf = None
 
     # ----- observability --------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counters from the per-CPU stats map, summed over CPUs."""
         assert self.bpf is not None
-        names = loader.stat_names()
-        table = self.bpf["stats"]
+        stats = BpfMap(self.bpf["stats"], "stats", batch=False)
+        slot = (stats.value_size + 7) // 8 * 8
+        cpus = kernel.possible_cpus()
         out: dict[str, int] = {}
-        for i, name in enumerate(names):
-            out[name] = int(sum(table[table.Key(i)]))
+        for i, name in enumerate(loader.stat_names()):
+            raw = stats.lookup(struct.pack("=I", i), slot * cpus) or b""
+            out[name] = sum(struct.unpack_from("=Q", raw, c * slot)[0]
+                            for c in range(len(raw) // slot))
         return out
 
     def map_fill(self) -> dict[str, float]:

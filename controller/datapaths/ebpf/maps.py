@@ -53,6 +53,7 @@ from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller import kernel
 from controller.datapaths.ebpf import loader
 from controller.model import (
     Backend,
@@ -293,21 +294,17 @@ def pack_range(sid: int, net: IPNetwork) -> bytes:
 
 
 class BpfMap:
-    """Access to one bcc table by raw bytes: batches where the map type has them,
-    element by element where it does not (LPM tries)."""
+    """Access to one map by raw bytes, through bpf(2) (controller.kernel): batches
+    where the map type has them, element by element where it does not (LPM tries)."""
 
     BUFFER = 1 << 22  # bytes of keys+values per batch syscall
 
-    def __init__(self, table: Any, name: str, batch: bool = True) -> None:
-        from bcc import libbcc  # late import: see loader
-
-        self._lib = libbcc.lib
-        self.table = table
+    def __init__(self, handle: loader.MapHandle, name: str, batch: bool = True) -> None:
         self.name = name
-        self.fd: int = table.map_fd
-        self.key_size = ct.sizeof(table.Key)
-        self.value_size = ct.sizeof(table.Leaf)
-        self.max_entries: int = table.max_entries
+        self.fd: int = handle.fd
+        self.key_size: int = handle.key_size
+        self.value_size: int = handle.value_size
+        self.max_entries: int = handle.max_entries
         self.batch = batch
         self.chunk = max(1, min(16384, self.BUFFER // (self.key_size + self.value_size)))
 
@@ -327,7 +324,7 @@ class BpfMap:
             vb = ct.create_string_buffer(vals[i * self.value_size:(i + m) * self.value_size],
                                          m * self.value_size)
             cnt = ct.c_uint32(m)
-            if self._lib.bpf_update_batch(self.fd, kb, vb, ct.byref(cnt)) != 0:
+            if kernel.map_batch(kernel.BPF_MAP_UPDATE_BATCH, self.fd, kb, vb, cnt) != 0:
                 raise MapOpError(self.name, "update", ct.get_errno(), i + cnt.value, n)
         return n
 
@@ -343,7 +340,7 @@ class BpfMap:
             m = min(self.chunk, n - i)
             kb = ct.create_string_buffer(blob[i * ks:(i + m) * ks], m * ks)
             cnt = ct.c_uint32(m)
-            if self._lib.bpf_delete_batch(self.fd, kb, ct.byref(cnt)) != 0:
+            if kernel.map_batch(kernel.BPF_MAP_DELETE_BATCH, self.fd, kb, None, cnt) != 0:
                 err = ct.get_errno()
                 if err != errno.ENOENT:
                     raise MapOpError(self.name, "delete", err, i + cnt.value, n)
@@ -356,9 +353,8 @@ class BpfMap:
         items = list(items)
         if not self.batch:
             for i, (k, v) in enumerate(items):
-                if self._lib.bpf_update_elem(self.fd, ct.create_string_buffer(k, self.key_size),
-                                             ct.create_string_buffer(v, self.value_size),
-                                             0) != 0:
+                if kernel.map_update_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                          ct.create_string_buffer(v, self.value_size)) != 0:
                     raise MapOpError(self.name, "update", ct.get_errno(), i, len(items))
             return len(items)
         for i in range(0, len(items), self.chunk):
@@ -367,13 +363,13 @@ class BpfMap:
             keys = ct.create_string_buffer(b"".join(k for k, _ in part), n * self.key_size)
             vals = ct.create_string_buffer(b"".join(v for _, v in part), n * self.value_size)
             cnt = ct.c_uint32(n)
-            if self._lib.bpf_update_batch(self.fd, keys, vals, ct.byref(cnt)) != 0:
+            if kernel.map_batch(kernel.BPF_MAP_UPDATE_BATCH, self.fd, keys, vals, cnt) != 0:
                 raise MapOpError(self.name, "update", ct.get_errno(), i + cnt.value, len(items))
         return len(items)
 
     def _delete_one(self, k: bytes, done: int, total: int) -> None:
         kb = ct.create_string_buffer(k, self.key_size)
-        if self._lib.bpf_delete_elem(self.fd, kb) != 0 and ct.get_errno() != errno.ENOENT:
+        if kernel.map_delete_elem(self.fd, kb) != 0 and ct.get_errno() != errno.ENOENT:
             raise MapOpError(self.name, "delete", ct.get_errno(), done, total)
 
     def delete(self, keys_in: Iterable[bytes]) -> int:
@@ -387,7 +383,7 @@ class BpfMap:
             n = len(part)
             keys = ct.create_string_buffer(b"".join(part), n * self.key_size)
             cnt = ct.c_uint32(n)
-            if self._lib.bpf_delete_batch(self.fd, keys, ct.byref(cnt)) != 0:
+            if kernel.map_batch(kernel.BPF_MAP_DELETE_BATCH, self.fd, keys, None, cnt) != 0:
                 err = ct.get_errno()
                 if err != errno.ENOENT:
                     raise MapOpError(self.name, "delete", err, i + cnt.value, len(keys_l))
@@ -401,7 +397,7 @@ class BpfMap:
         cur = ct.create_string_buffer(self.key_size)
         nxt = ct.create_string_buffer(self.key_size)
         first = True
-        while self._lib.bpf_get_next_key(self.fd, None if first else cur, nxt) == 0:
+        while kernel.map_get_next_key(self.fd, None if first else cur, nxt) == 0:
             yield nxt.raw
             ct.memmove(cur, nxt, self.key_size)
             first = False
@@ -414,8 +410,8 @@ class BpfMap:
         if not self.batch:
             val = ct.create_string_buffer(self.value_size)
             for k in self.keys():
-                if self._lib.bpf_lookup_elem(self.fd, ct.create_string_buffer(k, self.key_size),
-                                             val) == 0:
+                if kernel.map_lookup_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                          val) == 0:
                     yield k, val.raw
             return
         chunk = min(self.chunk, 4096)
@@ -426,8 +422,8 @@ class BpfMap:
         first = True
         while True:
             cnt = ct.c_uint32(chunk)
-            ret = self._lib.bpf_lookup_batch(self.fd, None if first else ct.byref(in_batch),
-                                             ct.byref(out_batch), keys, vals, ct.byref(cnt))
+            ret = kernel.map_batch(kernel.BPF_MAP_LOOKUP_BATCH, self.fd, keys, vals, cnt,
+                                   None if first else in_batch, out_batch)
             err = ct.get_errno() if ret != 0 else 0
             if ret != 0 and err != errno.ENOENT:
                 raise MapOpError(self.name, "lookup", err, 0, 0)
@@ -442,6 +438,20 @@ class BpfMap:
 
     def count(self) -> int:
         return sum(1 for _ in self.keys())
+
+    def lookup(self, key: bytes, value_size: int | None = None) -> bytes | None:
+        """One element's value (None when absent). ``value_size``: a per-CPU map's
+        value is one slot per possible CPU, each rounded up to 8 bytes."""
+        val = ct.create_string_buffer(value_size or self.value_size)
+        if kernel.map_lookup_elem(self.fd, ct.create_string_buffer(key, self.key_size),
+                                  val) != 0:
+            return None
+        return val.raw
+
+    def clear(self) -> int:
+        """Delete every element (collecting the keys first: deleting while walking
+        restarts the walk on hash maps)."""
+        return self.delete(list(self.keys()))
 
 
 # ----- shadow and plan -------------------------------------------------------------------
@@ -484,7 +494,7 @@ class Plan:
 class ServiceMaps:
     """Shadow + planner + applier for the service maps of one pin directory."""
 
-    def __init__(self, bpf: Any, maglev_size: int) -> None:
+    def __init__(self, bpf: loader.Loaded, maglev_size: int) -> None:
         self.services = BpfMap(bpf["services"], "services")
         self.slots = BpfMap(bpf["backend_slots"], "backend_slots")
         self.members = BpfMap(bpf["members"], "members")

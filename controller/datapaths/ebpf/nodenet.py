@@ -9,7 +9,6 @@ node costs three reads.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from controller.datapaths.ebpf import loader
 from controller.datapaths.ebpf.maps import BpfMap, lpm_prefix, pack_addr
@@ -25,7 +24,7 @@ _CONFIG = struct.Struct("=16s16sIIQ")  # snat4, snat6, flags, pad, netns_cookie
 class NodeMaps:
     """Writes a NodeNet into the maps, touching only what differs."""
 
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: loader.Loaded) -> None:
         self.addrs = BpfMap(bpf["node_addrs"], "node_addrs")
         self.cidrs = BpfMap(bpf["local_cidrs"], "local_cidrs", batch=False)
         self.config = BpfMap(bpf["node_config"], "node_config", batch=False)

@@ -353,9 +353,12 @@ def summarize(r: Run) -> dict[str, Any]:
             if mode == "ebpf":
                 s["bpf_ns_per_run"] = _med([x["bpf"]["mean_ns_per_run"] for x in rs])
                 s["bpf_progs"] = rs[-1]["bpf"]["ns_per_run"]
-                for k in ("new_flow_ns", "established_ns", "reply_ns"):
+                for k in ("new_flow_ns", "established_ns", "reply_ns",
+                          "established_single_run_ns"):
                     s[f"bpf_{k}"] = _med([x["bpf"]["test_run"][k] for x in rs
-                                          if "test_run" in x["bpf"]])
+                                          if k in x["bpf"].get("test_run", {})])
+                s["build_peak_rss_mb"] = _med([x["build_peak_rss_mb"] for x in rs
+                                               if x.get("build_peak_rss_mb")])
             row[mode] = s
         for mode, s in row.items():
             if mode == "floor" or "error" in s:

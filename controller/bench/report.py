@@ -146,14 +146,21 @@ def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 f"{e_hi['full_sync_s']:.2f} s", e_hi["full_sync_s"] <= 2.0))
     out.append((f"one change at {int(hi):,} ≤ 10 ms p99",
                 f"{e_hi['change_p99_ms']:.2f} ms", e_hi["change_p99_ms"] <= 10.0))
+    build = e_hi.get("build_peak_rss_mb")
     out.append((f"controller peak RSS at {int(hi):,} ≤ 250 MB",
-                f"{e_hi['peak_rss_mb']:.0f} MB", e_hi["peak_rss_mb"] <= 250))
+                f"{e_hi['peak_rss_mb']:.0f} MB" + (
+                    f" (the compile child, bcc + LLVM, peaks at {build:.0f} MB before the "
+                    "controller holds any Service, and exits)" if build else ""),
+                e_hi["peak_rss_mb"] <= 250))
     if e_hi.get("bpf_established_ns") is not None:
         out.append((f"BPF program ≤ 150 ns per packet at {int(hi):,} (judged on an "
                     "established flow's packet, BPF_PROG_TEST_RUN)",
                     f"established {e_hi['bpf_established_ns']:.0f} ns, reply "
-                    f"{e_hi['bpf_reply_ns']:.0f} ns, new flow {e_hi['bpf_new_flow_ns']:.0f} ns;"
-                    f" live traffic with bpf_stats {e_hi['bpf_ns_per_run']:.0f} ns",
+                    f"{e_hi['bpf_reply_ns']:.0f} ns, new flow {e_hi['bpf_new_flow_ns']:.0f} ns"
+                    + (f" timed one run per call, where an established packet timed the same "
+                       f"way takes {e_hi['bpf_established_single_run_ns']:.0f} ns"
+                       if e_hi.get("bpf_established_single_run_ns") else "")
+                    + f"; live traffic with bpf_stats {e_hi['bpf_ns_per_run']:.0f} ns",
                     e_hi["bpf_established_ns"] <= 150))
     return out
 

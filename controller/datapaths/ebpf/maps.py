@@ -402,18 +402,22 @@ class BpfMap:
             ct.memmove(cur, nxt, self.key_size)
             first = False
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """All (key, value) pairs, by BPF_MAP_LOOKUP_BATCH in bounded chunks.
-
-        (bcc 0.26's items_lookup_batch passes one variable as both out_batch and
-        count, and allocates max_entries at once; this does neither.)"""
+    def items_packed(self) -> tuple[bytes, bytes]:
+        """Every key and every value, each laid end to end in the same order (the
+        batch syscalls' layout): parsed in bulk with array('I'), not per element."""
+        ks, vs = self.key_size, self.value_size
         if not self.batch:
-            val = ct.create_string_buffer(self.value_size)
-            for k in self.keys():
-                if kernel.map_lookup_elem(self.fd, ct.create_string_buffer(k, self.key_size),
-                                          val) == 0:
-                    yield k, val.raw
-            return
+            pairs = list(self.items())
+            return b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs)
+        kparts: list[bytes] = []
+        vparts: list[bytes] = []
+        for kraw, vraw, n in self._batches():
+            kparts.append(kraw[:n * ks])
+            vparts.append(vraw[:n * vs])
+        return b"".join(kparts), b"".join(vparts)
+
+    def _batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """BPF_MAP_LOOKUP_BATCH chunks: (keys, values, how many of them are filled)."""
         chunk = min(self.chunk, 4096)
         keys = ct.create_string_buffer(chunk * self.key_size)
         vals = ct.create_string_buffer(chunk * self.value_size)
@@ -427,14 +431,28 @@ class BpfMap:
             err = ct.get_errno() if ret != 0 else 0
             if ret != 0 and err != errno.ENOENT:
                 raise MapOpError(self.name, "lookup", err, 0, 0)
-            kraw, vraw = keys.raw, vals.raw
-            for j in range(cnt.value):
-                yield (kraw[j * self.key_size:(j + 1) * self.key_size],
-                       vraw[j * self.value_size:(j + 1) * self.value_size])
+            yield keys.raw, vals.raw, cnt.value
             if ret != 0:  # ENOENT: no more elements
                 return
             in_batch.value = out_batch.value
             first = False
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """All (key, value) pairs, by BPF_MAP_LOOKUP_BATCH in bounded chunks.
+
+        (bcc 0.26's items_lookup_batch passes one variable as both out_batch and
+        count, and allocates max_entries at once; this does neither.)"""
+        if not self.batch:
+            val = ct.create_string_buffer(self.value_size)
+            for k in self.keys():
+                if kernel.map_lookup_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                          val) == 0:
+                    yield k, val.raw
+            return
+        for kraw, vraw, n in self._batches():
+            for j in range(n):
+                yield (kraw[j * self.key_size:(j + 1) * self.key_size],
+                       vraw[j * self.value_size:(j + 1) * self.value_size])
 
     def count(self) -> int:
         return sum(1 for _ in self.keys())
@@ -527,24 +545,37 @@ class ServiceMaps:
                              dict[int, bytes], dict[int, str],
                              dict[int, list[IPNetwork]], set[tuple[int, int]],
                              dict[int, bytes]]:
+        # Bulk reads (one batch syscall per 4,096 elements, parsed with array('I')):
+        # walking keys one get-next-key syscall each made a restart's full sync at
+        # 50,000 Services spend 2.8 s here.
         svcs: dict[Key, tuple[int, int, tuple[int, int, int]]] = {}
-        vips = {unpack_addr(k) for k in self.vips.keys()}
-        for k, v in self.services.items():
-            f, scope = unpack_svc_key(k)
-            sid, count, flags, aff, kind = _SVC_VAL.unpack(v)
+        kb, _ = self.vips.items_packed()
+        vips = {unpack_addr(kb[i:i + 16]) for i in range(0, len(kb), self.vips.key_size)}
+        kb, vb = self.services.items_packed()
+        ks, vs = self.services.key_size, self.services.value_size
+        for i in range(len(kb) // ks):
+            f, scope = unpack_svc_key(kb[i * ks:(i + 1) * ks])
+            sid, count, flags, aff, kind = _SVC_VAL.unpack_from(vb, i * vs)
             svcs[(f, scope)] = (sid, count, (flags, aff, kind))
         slots: dict[int, dict[int, int]] = {}
-        for k, v in self.slots.items():
-            sid, slot = _PAIR.unpack(k)
-            slots.setdefault(sid, {})[slot] = _U32.unpack(v)[0]
-        backends = {_U32.unpack(k)[0]: v for k, v in self.backends.items()}
-        names = {_U32.unpack(k)[0]: v.split(b"\0", 1)[0].decode(errors="replace")
-                 for k, v in self.names.items()}
+        kb, vb = self.slots.items_packed()
+        pairs = array("I", kb)
+        for sid, slot, bid in zip(pairs[0::2], pairs[1::2], array("I", vb)):
+            slots.setdefault(sid, {})[slot] = bid
+        kb, vb = self.backends.items_packed()
+        bs = self.backends.value_size
+        backends = dict(zip(array("I", kb), (vb[i:i + bs] for i in range(0, len(vb), bs))))
+        kb, vb = self.names.items_packed()
+        ns = self.names.value_size
+        names = dict(zip(array("I", kb), (
+            vb[i:i + ns].split(b"\0", 1)[0].decode(errors="replace")
+            for i in range(0, len(vb), ns))))
         ranges: dict[int, list[IPNetwork]] = {}
         for k in self.ranges.keys():
             plen, sid, addr = _RANGE_KEY.unpack(k)
             ranges.setdefault(sid, []).append(lpm_network(addr, plen - 32))
-        members = {_PAIR.unpack(k) for k in self.members.keys()}
+        pairs = array("I", self.members.items_packed()[0])
+        members = set(zip(pairs[0::2], pairs[1::2]))
         tables = {_U32.unpack(k)[0]: v for k, v in self.maglev.items()}
         return svcs, vips, slots, backends, names, ranges, members, tables
 

@@ -482,6 +482,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             over[k] = getattr(args, k)
     if args.budget is not None:
         over["budget_s"] = args.budget
+    if args.skip:
+        pairs = []
+        for item in args.skip.split(","):
+            mode, _, at = item.strip().partition("@")
+            if not mode or not at.isdigit():
+                print(f"kpr bench: --skip {item!r}: want DATAPATH@SERVICES, e.g. "
+                      "iptables@10000", file=sys.stderr)
+                return 2
+            pairs.append((mode, int(at)))
+        over["skip"] = tuple(pairs)
     over["pin"] = args.pin
     over["out"] = Path(args.out)
     cfg = dataclasses.replace(cfg, **over)
@@ -489,6 +499,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("kpr bench: needs root (network namespaces, BPF, netfilter)", file=sys.stderr)
         return 2
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGTERM, and SIGINT even when a background shell left it ignored: both end the
+    # run through its finally blocks (nginx stopped, namespaces and pins removed).
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     total = len(cfg.scales) * cfg.repeats * (1 + len(harness.available(cfg.datapaths)))
     with Progress(TextColumn("{task.description:<45}"), BarColumn(),
@@ -510,6 +528,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             print(f"kpr bench: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt as e:
+            print(f"kpr bench: stopped ({e or 'SIGINT'}); cleaned up, nothing written",
+                  file=sys.stderr)
+            return 130
         bar.update(task, completed=total, description="done")
     summary = report.write(r, cfg.out, Path(args.json) if args.json else None)
     report.print_table(summary)
@@ -623,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the client to CPU 0 and nginx to CPU 1 (default: unpinned)")
     b.add_argument("--budget", type=float, help="skip a datapath at a scale where its full "
                    "sync would take longer than this many seconds (default 600)")
+    b.add_argument("--skip", help="DATAPATH@SERVICES pairs not to measure, comma-separated "
+                   "(e.g. iptables@10000)")
     b.add_argument("--out", default="docs", help="directory for benchmarks.md, plots, JSON")
     b.add_argument("--json", help="JSON results path (default OUT/benchmarks.json)")
     b.set_defaults(fn=cmd_bench)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import secrets
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from controller.datapaths.base import DatapathError
 from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
+from controller.datapaths.ebpf import loader
 from controller.datapaths.ebpf.loader import MapSizes
 from controller.datapaths.ebpf.maps import _PAIR, _U32, SCOPE_EXTERNAL
 from controller.model import (
@@ -161,3 +165,19 @@ def test_map_full_is_an_error_and_forces_a_full_sync(
         assert dp.dump() == dp.canonical(ok.values())
     finally:
         cleanup(dp.cfg.pin_dir)
+
+
+def test_a_compile_error_names_file_and_line_and_leaves_no_staging(tmp_path: Path) -> None:
+    """The build child's compiler output reaches the caller; nothing of the failed
+    load stays in the pin directory."""
+    bad = tmp_path / "bpf"
+    shutil.copytree(loader.BPF_DIR, bad)
+    lb = bad / "kpr_lb.h"
+    lb.write_text(lb.read_text().replace("#endif", "this is not C;\n#endif", 1))
+    pin = TEST_PIN_ROOT / f"broken{secrets.token_hex(3)}"
+    try:
+        with pytest.raises(loader.CompileError, match=r"kpr_lb\.h:\d+"):
+            loader.load(pin, MapSizes(), bad)
+        assert not [p for p in pin.iterdir() if p.name.startswith("staging_")]
+    finally:
+        cleanup(pin)

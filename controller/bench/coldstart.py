@@ -15,6 +15,7 @@ counts, never times.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tempfile
 import threading
@@ -85,6 +86,9 @@ class ColdStart:
     proxier: Any
     datapath: Any
     stop: threading.Event
+    rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    """This process's resident memory after each phase (VmRSS), and its peak (VmHWM)
+    at the end: where the memory goes."""
 
     @property
     def total_s(self) -> float:
@@ -165,18 +169,31 @@ def cold_start(n: int, datapath: Any, endpoints: int = 2,
     tracker = ChangeTracker(NodeInfo(name="node-0"))
     stop = threading.Event()
     source = KubeSource(api_client(str(kubeconfig)), tracker, "", resync_period=0)
+    rss = {"before": _vm("VmRSS")}
     t0 = time.perf_counter()
     source.start(stop)
     source.wait_synced(stop)
     t1 = time.perf_counter()
+    rss["listed"] = _vm("VmRSS")
     proxier = Proxier(datapath, tracker)
     tracker.apply()
     t2 = time.perf_counter()
+    rss["translated"] = _vm("VmRSS")
     result = datapath.sync(tracker.state(), None)
     t3 = time.perf_counter()
+    rss["programmed"] = _vm("VmRSS")
+    rss["peak"] = _vm("VmHWM")
     proxier.full_sync_done()
     return ColdStart(n, t1 - t0, t2 - t1, t3 - t2, result.ops, result.frontends, server,
-                     source, tracker, proxier, datapath, stop)
+                     source, tracker, proxier, datapath, stop, rss)
+
+
+def _vm(field: str) -> float:
+    """A /proc/self/status memory field, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} Services x {e} endpoints: list {r.list_s:.2f} s, translate "
               f"{r.translate_s:.2f} s, program {r.program_s:.2f} s, total {r.total_s:.2f} s; "
               f"{r.ops} kernel map entries; peak RSS {rss:.0f} MB")
+        print("RSS after each phase: " + ", ".join(f"{k} {v:.0f} MB"
+                                                   for k, v in r.rss_mb.items()))
     finally:
         cleanup(dp.cfg.pin_dir)
         root = dp.cfg.pin_root

@@ -231,7 +231,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "datapath": mode, "services": n, "endpoints": e, "start_s": start_s,
         "build_peak_rss_mb": build_rss_mb if mode == "ebpf" else None,
         "list_s": r.list_s, "translate_s": r.translate_s, "full_sync_s": r.program_s,
-        "full_ops": r.ops}
+        "full_ops": r.ops, "rss_mb_by_phase": r.rss_mb}
     try:
         # data plane first: nothing else changes while it runs
         lat = {t: connlat(args.connlat, args.client_ns, coldstart.vip(i), 80,

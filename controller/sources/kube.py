@@ -132,9 +132,10 @@ class Reflector:
         """A full, paged list; replaces what the consumer holds.
 
         Each page is digested (parsed and validated) as it arrives and its raw JSON
-        dropped: holding every raw page until the last one doubled the controller's
-        peak memory at 50,000 Services. The consumer still sees the list only whole,
-        so a list that fails half-way changes nothing."""
+        dropped: holding every raw page until the last one kept the whole list's
+        decoded JSON alive at once, the largest transient of a 50,000-Service cold
+        start. The consumer still sees the list only whole, so a list that fails
+        half-way changes nothing."""
         items: list[Any] = []
         token: str | None = None
         rv = ""

@@ -238,6 +238,7 @@ class EbpfDatapath:
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
+            self.prog_fds = {}
 
     # ----- observability --------------------------------------------------------------
 

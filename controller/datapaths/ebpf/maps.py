@@ -49,8 +49,8 @@ import socket
 import struct
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from controller import kernel

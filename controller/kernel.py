@@ -334,10 +334,7 @@ def pinned_map_info(path: Path) -> MapInfo | None:
             return None
         raise
     try:
-        info = MapInfo()
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
-                                                  info=ct.addressof(info)))
-        return info
+        return map_info(fd)
     finally:
         os.close(fd)
 

@@ -314,9 +314,13 @@ class BpfMap:
         n = len(keys) // self.key_size
         assert len(keys) == n * self.key_size and len(vals) == n * self.value_size
         if not self.batch:
-            return self.update((keys[i * self.key_size:(i + 1) * self.key_size],
-                                vals[i * self.value_size:(i + 1) * self.value_size])
-                               for i in range(n))
+            for i in range(n):
+                k = keys[i * self.key_size:(i + 1) * self.key_size]
+                v = vals[i * self.value_size:(i + 1) * self.value_size]
+                if kernel.map_update_elem(self.fd, ct.create_string_buffer(k, self.key_size),
+                                          ct.create_string_buffer(v, self.value_size)) != 0:
+                    raise MapOpError(self.name, "update", ct.get_errno(), i, n)
+            return n
         for i in range(0, n, self.chunk):
             m = min(self.chunk, n - i)
             kb = ct.create_string_buffer(keys[i * self.key_size:(i + m) * self.key_size],
@@ -331,11 +335,13 @@ class BpfMap:
     def delete_packed(self, keys: bytes) -> int:
         """Delete keys laid end to end (see update_packed)."""
         ks = self.key_size
-        if not self.batch:
-            return self.delete(keys[i:i + ks] for i in range(0, len(keys), ks))
         blob = keys
         n = len(blob) // ks
         assert len(blob) == n * ks
+        if not self.batch:
+            for i in range(n):
+                self._delete_one(blob[i * ks:(i + 1) * ks], i, n)
+            return n
         for i in range(0, n, self.chunk):
             m = min(self.chunk, n - i)
             kb = ct.create_string_buffer(blob[i * ks:(i + m) * ks], m * ks)
@@ -351,46 +357,15 @@ class BpfMap:
 
     def update(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         items = list(items)
-        if not self.batch:
-            for i, (k, v) in enumerate(items):
-                if kernel.map_update_elem(self.fd, ct.create_string_buffer(k, self.key_size),
-                                          ct.create_string_buffer(v, self.value_size)) != 0:
-                    raise MapOpError(self.name, "update", ct.get_errno(), i, len(items))
-            return len(items)
-        for i in range(0, len(items), self.chunk):
-            part = items[i:i + self.chunk]
-            n = len(part)
-            keys = ct.create_string_buffer(b"".join(k for k, _ in part), n * self.key_size)
-            vals = ct.create_string_buffer(b"".join(v for _, v in part), n * self.value_size)
-            cnt = ct.c_uint32(n)
-            if kernel.map_batch(kernel.BPF_MAP_UPDATE_BATCH, self.fd, keys, vals, cnt) != 0:
-                raise MapOpError(self.name, "update", ct.get_errno(), i + cnt.value, len(items))
-        return len(items)
+        return self.update_packed(b"".join(k for k, _ in items), b"".join(v for _, v in items))
 
     def _delete_one(self, k: bytes, done: int, total: int) -> None:
         kb = ct.create_string_buffer(k, self.key_size)
         if kernel.map_delete_elem(self.fd, kb) != 0 and ct.get_errno() != errno.ENOENT:
             raise MapOpError(self.name, "delete", ct.get_errno(), done, total)
 
-    def delete(self, keys_in: Iterable[bytes]) -> int:
-        keys_l = list(keys_in)
-        if not self.batch:
-            for i, k in enumerate(keys_l):
-                self._delete_one(k, i, len(keys_l))
-            return len(keys_l)
-        for i in range(0, len(keys_l), self.chunk):
-            part = keys_l[i:i + self.chunk]
-            n = len(part)
-            keys = ct.create_string_buffer(b"".join(part), n * self.key_size)
-            cnt = ct.c_uint32(n)
-            if kernel.map_batch(kernel.BPF_MAP_DELETE_BATCH, self.fd, keys, None, cnt) != 0:
-                err = ct.get_errno()
-                if err != errno.ENOENT:
-                    raise MapOpError(self.name, "delete", err, i + cnt.value, len(keys_l))
-                # A key already gone (drift): delete the rest one by one.
-                for k in part[cnt.value:]:
-                    self._delete_one(k, i, len(keys_l))
-        return len(keys_l)
+    def delete(self, keys: Iterable[bytes]) -> int:
+        return self.delete_packed(b"".join(keys))
 
     def keys(self) -> Iterator[bytes]:
         """All keys, by BPF_MAP_GET_NEXT_KEY (every map type has it)."""

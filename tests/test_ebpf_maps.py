@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from controller.datapaths.base import DatapathError
 from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
-from controller.datapaths.ebpf import loader
+from controller.datapaths.ebpf import loader, maps
 from controller.datapaths.ebpf.loader import MapSizes
 from controller.datapaths.ebpf.maps import _PAIR, _U32, SCOPE_EXTERNAL
 from controller.model import (
@@ -132,8 +132,8 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
 def test_a_new_service_never_takes_the_id_of_an_orphan_being_pruned(
         datapath_factory: Callable[..., EbpfDatapath]) -> None:
     """Slots and a member left by a service whose entry is gone (a crash between
-    map writes), with an id above every live one: the next full sync prunes them
-    after its writes, so a new service given that id would lose its own."""
+    map writes), with an id above every live one: the next full sync prunes them,
+    so a new service given that id would lose its own or serve the orphan's."""
     dp1 = datapath_factory(start=False)
     dp1.load()
     dp1.sync(make_state({0: [1]}), None)
@@ -148,6 +148,34 @@ def test_a_new_service_never_takes_the_id_of_an_orphan_being_pruned(
     assert dp2.dump() == dp2.canonical(want.values())
     assert dp2.maps.slots.count() == 3 and dp2.maps.members.count() == 3
     assert orphan not in {s.svc_id for s in dp2.maps._svc.values()}
+
+def test_a_chunked_full_sync_keeps_moving_backends_and_repairs_drift(
+        datapath_factory: Callable[..., EbpfDatapath], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full sync plans and applies a chunk of keys at a time (here one key). A
+    backend leaving a service in the first chunk for one in the last keeps its id,
+    and drift found at adoption (a member lost) is repaired before the chunks."""
+    monkeypatch.setattr(maps, "FULL_SYNC_CHUNK", 1)
+    dp1 = datapath_factory(start=False)
+    dp1.load()
+    dp1.sync(make_state({0: [1, 2], 1: [3], 2: [4]}), None)
+    bid2 = dp1.maps._be_ids[maps.pack_backend(Backend(ipaddress.IPv4Address(0x0AF40002), 8080),
+                                               Protocol.TCP)]
+    lost = next(s for (f, _), s in dp1.maps._svc.items() if f.port == 82)  # service 2
+    dp1.maps.members.delete([_PAIR.pack(lost.svc_id, lost.backend_ids[0])])
+    dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
+    dp2.load()
+    # backend 2 leaves service 0 (TCP, first in the State) for service 4 (TCP, last)
+    want = make_state({0: [1], 1: [3], 2: [4], 4: [2, 5]})
+    r = dp2.sync(want, None)
+    assert dp2.dump() == dp2.canonical(want.values())
+    assert dp2.maps._be_ids[maps.pack_backend(
+        Backend(ipaddress.IPv4Address(0x0AF40002), 8080), Protocol.TCP)] == bid2
+    assert dp2.maps.members.count() == 5 and dp2.maps.slots.count() == 5
+    # repair: 1 member; svc 0: slot, member deleted, count; svc 4: service, name,
+    # marker, 2 slots, 2 members, backend 5
+    assert r.ops == 1 + 3 + 8
+    assert dp2.sync(want, None).ops == 0
+
 
 def test_map_full_is_an_error_and_forces_a_full_sync(
         datapath_factory: Callable[..., EbpfDatapath]) -> None:

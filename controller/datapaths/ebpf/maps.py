@@ -33,9 +33,11 @@ conntrack entry that names a deleted backend id finds nothing rather than anothe
 backend.
 
 A full sync first rebuilds the shadow from the kernel (adopting a previous process's
-state and finding drift), then plans every record and prunes orphaned slots,
-members, backends, names, ranges, tables and markers. On any failure the shadow is no
-longer trusted: the caller must do a full sync next.
+state and finding drift) and repairs the kernel to match it: orphaned slots, members,
+backends, names, ranges, tables and markers are pruned, and what a programmed service
+misses is restored. Then it plans and applies every record in chunks (bounded
+memory), and last deletes the backends nobody references any more. On any failure
+the shadow is no longer trusted: the caller must do a full sync next.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ assert array("I").itemsize == 4  # the maps' __u32 keys and values
 def _u32s(values: Iterable[int]) -> bytes:
     """__u32s end to end in native order."""
     return array("I", values).tobytes()
+
+FULL_SYNC_CHUNK = 4096
+"""Keys planned and applied together by a full sync (see ServiceMaps.full_sync)."""
 
 Key = tuple[Frontend, int]
 """A services key: frontend and scope."""
@@ -555,7 +560,8 @@ class ServiceMaps:
         return svcs, vips, slots, backends, names, ranges, members, tables
 
     def adopt_kernel(self) -> Plan:
-        """Rebuild the shadow from the kernel; returns a plan pruning orphans. Maglev
+        """Rebuild the shadow from the kernel; returns a plan that prunes orphans and
+        restores what programmed services miss (apply it before any change). Maglev
         tables are kept for comparison: the plan rewrites only those that differ."""
         raw, vips, slots, backends, names, ranges, members, tables = self._read()
         plan = Plan()
@@ -675,10 +681,15 @@ class ServiceMaps:
         return struct.pack(f"={self.maglev_size}I", *(ids[i] for i in table))
 
     def plan(self, changes: Iterable[tuple[Key, Record | None]],
-             plan: Plan | None = None) -> Plan:
-        """Plan the changes and update the shadow as if they were applied."""
+             plan: Plan | None = None, unrefs: list[int] | None = None) -> Plan:
+        """Plan the changes and update the shadow as if they were applied.
+
+        With ``unrefs`` the backend references the changes drop are appended there
+        rather than released: the caller releases them (``release``) once every
+        chunk of a larger change has taken its references."""
         plan = plan or Plan()
-        unrefs: list[int] = []
+        deferred = unrefs is not None
+        unrefs = unrefs if unrefs is not None else []
         for key, rec in changes:
             old = self._svc.get(key)
             if rec is None:
@@ -750,8 +761,14 @@ class ServiceMaps:
                 plan.name_write[sid] = rec.name
             self._slot_total += len(ids) - len(old_ids)
             self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
-        # Release after all references are taken, so that a backend moving between
-        # services within one sync keeps its id.
+        if not deferred:
+            self.release(unrefs, plan)
+        return plan
+
+    def release(self, unrefs: Iterable[int], plan: Plan) -> None:
+        """Drop backend references; a backend nobody references is deleted. Called
+        after all references of a sync are taken, so that a backend moving between
+        services within one sync keeps its id."""
         for bid in unrefs:
             if bid not in self._be_refs:
                 continue
@@ -759,7 +776,6 @@ class ServiceMaps:
             if self._be_refs[bid] <= 0:
                 plan.backend_delete.append(bid)
                 self._release_backend(bid)
-        return plan
 
     # ----- applying -------------------------------------------------------------------
 
@@ -796,17 +812,36 @@ class ServiceMaps:
     # ----- entry points ---------------------------------------------------------------
 
     def full_sync(self, recs: Iterable[Record]) -> int:
-        plan = self.adopt_kernel()
+        """Program exactly ``recs``: adopt what the kernel holds, write what differs,
+        prune the rest.
+
+        The changes are planned and applied ``FULL_SYNC_CHUNK`` keys at a time. One
+        plan for 50,000 Services held 400,000 slot and member tuples at once, and its
+        transient set the controller's peak memory. Each chunk is consistent on its
+        own, as a partial sync is. Backend releases wait for the last chunk, so that
+        a backend moving between services keeps its id.
+
+        ``adopt_kernel``'s repairs go first: they make the kernel match the adopted
+        shadow, which the chunks are planned against. They delete only what no
+        programmed service reads (orphans) and restore what one misses."""
+        ops = self.apply(self.adopt_kernel())
         want = {r.key: r for r in recs}
-        # removals first, then the wanted records in the State's order (sorting
-        # 50,000 keys by address cost a tenth of the sync and bought nothing)
+        # removals first (they free map space), then the wanted records in the
+        # State's order (sorting 50,000 keys by address cost a tenth of the sync and
+        # bought nothing)
         changes: list[tuple[Key, Record | None]] = [(k, None) for k in self._svc
                                                     if k not in want]
-        self.plan(chain(changes, want.items()), plan)
+        changes += want.items()
+        del want
+        unrefs: list[int] = []
+        for i in range(0, len(changes), FULL_SYNC_CHUNK):
+            ops += self.apply(self.plan(changes[i:i + FULL_SYNC_CHUNK], unrefs=unrefs))
+        last = Plan()
+        self.release(unrefs, last)
         # a table read back whose service no longer uses Maglev
-        plan.maglev_delete |= set(self._adopted_tables)
+        last.maglev_delete |= set(self._adopted_tables)
         self._adopted_tables = {}
-        return self.apply(plan)
+        return ops + self.apply(last)
 
     def incremental_sync(self, upserted: Iterable[Record], removed: Iterable[Key]) -> int:
         changes: list[tuple[Key, Record | None]] = [(k, None) for k in removed]

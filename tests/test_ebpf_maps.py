@@ -110,7 +110,7 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
     s1 = make_state({0: [1, 2], 1: [2, 3], 2: [4]})
     dp1.sync(s1, None)
     ids1 = {f: s.svc_id for f, s in dp1.maps._svc.items()}
-    be_ids1 = dict(dp1.maps._be_ids)
+    be_ids1 = dp1.maps.backend_ids()
     # A new process on the same pins (same instance): it reads the maps back.
     dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
     dp2.load()
@@ -121,7 +121,7 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
     # untouched services keep their ids, so established flows keep their slots
     assert {k: s.svc_id for k, s in dp2.maps._svc.items()} == {
         k: i for k, i in ids1.items() if k[0] in s2}
-    assert all(be_ids1[k] == v for k, v in dp2.maps._be_ids.items())
+    assert all(be_ids1[k] == v for k, v in dp2.maps.backend_ids().items())
     # svc 1 (UDP): slot 0 rewritten, count lowered, slot 1 and member 2 deleted, backend
     # 2/UDP deleted (backends are per protocol: svc 0 keeps 2/TCP); svc 2: service,
     # name, VIP marker, slot, member, and backend 4/TCP deleted.
@@ -138,7 +138,7 @@ def test_a_new_service_never_takes_the_id_of_an_orphan_being_pruned(
     dp1.load()
     dp1.sync(make_state({0: [1]}), None)
     orphan = max(s.svc_id for s in dp1.maps._svc.values()) + 1
-    bid = next(iter(dp1.maps._be_refs))
+    bid = next(iter(dp1.maps.backend_ids().values()))
     dp1.maps.slots.update([(_PAIR.pack(orphan, 0), _U32.pack(bid))])
     dp1.maps.members.update([(_PAIR.pack(orphan, bid), b"\x01")])
     dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
@@ -158,17 +158,17 @@ def test_a_chunked_full_sync_keeps_moving_backends_and_repairs_drift(
     dp1 = datapath_factory(start=False)
     dp1.load()
     dp1.sync(make_state({0: [1, 2], 1: [3], 2: [4]}), None)
-    bid2 = dp1.maps._be_ids[maps.pack_backend(Backend(ipaddress.IPv4Address(0x0AF40002), 8080),
+    bid2 = dp1.maps.backend_ids()[maps.pack_backend(Backend(ipaddress.IPv4Address(0x0AF40002), 8080),
                                                Protocol.TCP)]
     lost = next(s for (f, _), s in dp1.maps._svc.items() if f.port == 82)  # service 2
-    dp1.maps.members.delete([_PAIR.pack(lost.svc_id, lost.backend_ids[0])])
+    dp1.maps.members.delete([_PAIR.pack(lost.svc_id, dp1.maps.backend_ids()[lost.backends[0]])])
     dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
     dp2.load()
     # backend 2 leaves service 0 (TCP, first in the State) for service 4 (TCP, last)
     want = make_state({0: [1], 1: [3], 2: [4], 4: [2, 5]})
     r = dp2.sync(want, None)
     assert dp2.dump() == dp2.canonical(want.values())
-    assert dp2.maps._be_ids[maps.pack_backend(
+    assert dp2.maps.backend_ids()[maps.pack_backend(
         Backend(ipaddress.IPv4Address(0x0AF40002), 8080), Protocol.TCP)] == bid2
     assert dp2.maps.members.count() == 5 and dp2.maps.slots.count() == 5
     # repair: 1 member; svc 0: slot, member deleted, count; svc 4: service, name,

@@ -397,3 +397,18 @@ def test_maglev_table_is_even_stable_and_order_independent() -> None:
         survivors = [i for i in range(m) if before[i] != names[gone]]
         moved = sum(before[i] != after[i] for i in survivors) / len(survivors)
         assert moved <= 1 / n
+
+
+def test_ids_grow_skip_zero_and_after_a_wrap_skip_ids_in_use() -> None:
+    from controller.datapaths.ebpf.maps import _Ids
+
+    in_use = {1, 3}
+    ids = _Ids(lambda: in_use)
+    ids.start_above(0xFFFFFFFD)
+    # no set of ids in use before the wrap: the counter is above every one
+    assert [ids.take() for _ in range(2)] == [0xFFFFFFFE, 0xFFFFFFFF]
+    in_use |= {0xFFFFFFFE}  # 0xFFFFFFFF was released
+    # at the wrap: 0 is never an id, and 1 and 3 are taken
+    assert [ids.take() for _ in range(3)] == [2, 4, 5]
+    ids.start_above(7)  # a restart read the maps back: ids above 7 are free
+    assert ids.take() == 8

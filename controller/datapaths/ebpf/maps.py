@@ -50,7 +50,7 @@ import os
 import socket
 import struct
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -456,12 +456,61 @@ class BpfMap:
 
 @dataclass(slots=True)
 class _Svc:
+    """The shadow of one services key."""
+
     svc_id: int
-    backend_ids: tuple[int, ...]
-    value: tuple[int, int, int]  # flags, affinity timeout, kind
+    """Its id (slots, members, names, ranges and tables are keyed by it)."""
+    backends: tuple[bytes, ...]
+    """The packed backend (map value) of each slot, in slot order: the key of
+    ServiceMaps._be, where its id is. ``_STALE`` marks a slot read back pointing at a
+    backend that is missing or a duplicate, so that the next plan rewrites it."""
+    value: tuple[int, int, int]
+    """flags, affinity timeout, kind: the services value but for id and count."""
     name: str
+    """namespace/name:port (svc_names)."""
     ranges: tuple[IPNetwork, ...] = ()
-    maglev: bool = False  # a table is written for the current backend_ids
+    """Source ranges written for it."""
+    maglev: bool = False
+    """A Maglev table is written for the current backends."""
+
+
+_STALE = b""
+"""A slot the next plan must rewrite (see _Svc.backends); never a backend key."""
+
+_REF = 1 << 32
+"""One reference, in ServiceMaps._be's id | references << 32 encoding."""
+_ID = _REF - 1
+
+
+class _Ids:
+    """Monotonic __u32 ids, never 0, skipping ids in use once the counter wraps.
+
+    Ids grow so that a conntrack entry naming a released id finds nothing rather than
+    the id's next owner. Until the counter wraps (after 2^32 allocations) every id
+    above it is free, so no set of ids in use is kept: one cost 3.4 MB per 50,000
+    services. At a wrap, the ids then in use are collected once; ids taken after
+    that are behind the counter until the next wrap."""
+
+    __slots__ = ("next", "_used", "_in_use")
+
+    def __init__(self, in_use: Callable[[], Iterable[int]]) -> None:
+        self.next = 1
+        self._used: set[int] | None = None
+        self._in_use = in_use
+
+    def start_above(self, top: int) -> None:
+        """Every id in use is at most ``top``."""
+        self.next = (top + 1) & _ID
+        self._used = None
+
+    def take(self) -> int:
+        while True:
+            i = self.next
+            self.next = (i + 1) & _ID
+            if i == 0:
+                self._used = set(self._in_use())
+            elif self._used is None or i not in self._used:
+                return i
 
 
 @dataclass(slots=True)
@@ -508,13 +557,13 @@ class ServiceMaps:
         # bytes hash once and cheaply, where (Backend, Protocol) tuples rehashed the
         # ipaddress objects (hash(hex(int)) in CPython 3.11) at every use, which was
         # a third of a 50,000-Service full sync.
-        self._be_ids: dict[bytes, int] = {}
-        self._be_refs: dict[int, int] = {}
-        self._be_key_by_id: dict[int, bytes] = {}
-        self._next_svc_id = 1
-        self._next_be_id = 1
-        self._svc_ids_used: set[int] = set()
-        self._slot_total = 0  # sum of len(backend_ids): fill() in O(1) per scrape
+        # One dict, key -> id | references << 32: three (key -> id, id -> references,
+        # id -> key) held 30 MB at 200,000 backends. Services hold backend keys, so
+        # nothing needs id -> key.
+        self._be: dict[bytes, int] = {}
+        self._svc_ids = _Ids(lambda: (s.svc_id for s in self._svc.values()))
+        self._be_ids = _Ids(lambda: (v & _ID for v in self._be.values()))
+        self._slot_total = 0  # sum of len(backends): fill() in O(1) per scrape
         self._external = 0  # keys of SCOPE_EXTERNAL: programmed() in O(1) per sync
         self._adopted_tables: dict[int, bytes] = {}  # read back, not yet compared
 
@@ -565,35 +614,37 @@ class ServiceMaps:
         tables are kept for comparison: the plan rewrites only those that differ."""
         raw, vips, slots, backends, names, ranges, members, tables = self._read()
         plan = Plan()
+        self._be = {}
+        for bid, key in sorted(backends.items()):
+            self._be.setdefault(key, bid)  # a duplicate id is pruned below
         self._svc = {}
         for key, (sid, count, value) in raw.items():
             own = slots.get(sid, {})
-            ids = tuple(own.get(i, 0) for i in range(count))
-            self._svc[key] = _Svc(sid, ids, value, names.get(sid, ""),
+            keys: list[bytes] = []
+            for i in range(count):
+                bid = own.get(i, 0)
+                k = backends.get(bid, _STALE)
+                if k is not _STALE and self._be[k] & _ID == bid:
+                    self._be[k] += _REF
+                else:  # no slot, no backend, or a duplicate id: rewrite it
+                    k = _STALE
+                keys.append(k)
+            self._svc[key] = _Svc(sid, tuple(keys), value, names.get(sid, ""),
                                   tuple(sorted(ranges.get(sid, []))), maglev=False)
         live = {s.svc_id: s for s in self._svc.values()}
-        self._slot_total = sum(len(s.backend_ids) for s in self._svc.values())
+        self._slot_total = sum(len(s.backends) for s in self._svc.values())
         self._external = sum(1 for _, scope in self._svc if scope == SCOPE_EXTERNAL)
-        self._svc_ids_used = set(live)
-        self._be_key_by_id = dict(backends)
-        self._be_ids = {}
-        for bid, key in sorted(backends.items()):
-            self._be_ids.setdefault(key, bid)  # a duplicate id is pruned below
-        self._be_refs = {bid: 0 for bid in backends}
-        for s in self._svc.values():
-            for bid in s.backend_ids:
-                if bid in self._be_refs:
-                    self._be_refs[bid] += 1
         # New ids start above every id any map mentions: an orphan's slots, members
-        # or name (pruned by this plan, after its writes) must not meet a new service.
-        self._next_svc_id = max(self._svc_ids_used | set(slots) | set(names) | set(ranges)
-                                | set(tables) | {sid for sid, _ in members}, default=0) + 1
-        self._next_be_id = max(backends, default=0) + 1
+        # or name must not meet a new service.
+        self._svc_ids.start_above(max(chain(live, slots, names, ranges, tables,
+                                            (sid for sid, _ in members)), default=0))
+        self._be_ids.start_above(max(backends, default=0))
         # prune what no live service uses; restore what a live one misses
         plan.slot_delete = [(sid, slot) for sid, m in slots.items() for slot in m
-                            if sid not in live or slot >= len(live[sid].backend_ids)]
+                            if sid not in live or slot >= len(live[sid].backends)]
         plan.name_delete = [sid for sid in names if sid not in live]
-        want_members = {(s.svc_id, b) for s in live.values() for b in s.backend_ids}
+        want_members = {(s.svc_id, self._be[k] & _ID) for s in live.values()
+                        for k in s.backends if k is not _STALE}
         plan.member_delete = members - want_members
         plan.member_write = want_members - members
         plan.range_delete = {(sid, n) for sid, ns in ranges.items() if sid not in live
@@ -606,11 +657,12 @@ class ServiceMaps:
                 self._vips[f.ip] = self._vips.get(f.ip, 0) + 1
         plan.vip_delete = vips - set(self._vips)
         plan.vip_write = set(self._vips) - vips
-        for bid, refs in self._be_refs.items():
-            if refs == 0:
+        for bid, key in backends.items():
+            v = self._be.get(key)
+            if v is None or v & _ID != bid or v < _REF:  # a duplicate, or unreferenced
                 plan.backend_delete.append(bid)
-        for bid in plan.backend_delete:
-            self._release_backend(bid)
+        for key in [k for k, v in self._be.items() if v < _REF]:
+            del self._be[key]
         return plan
 
     def dump(self) -> State:
@@ -630,34 +682,23 @@ class ServiceMaps:
 
     # ----- planning -------------------------------------------------------------------
 
-    def _alloc_svc_id(self) -> int:
-        while self._next_svc_id in self._svc_ids_used or self._next_svc_id == 0:
-            self._next_svc_id = (self._next_svc_id + 1) & 0xFFFFFFFF
-        sid = self._next_svc_id
-        self._next_svc_id = (sid + 1) & 0xFFFFFFFF
-        self._svc_ids_used.add(sid)
-        return sid
+    def _ref_backend(self, key: bytes, plan: Plan) -> int:
+        """Take a reference on a backend (written if new); returns its id."""
+        v = self._be.get(key)
+        if v is None:
+            v = self._be_ids.take()
+            plan.backend_write[v] = key
+        self._be[key] = v + _REF
+        return v & _ID
 
-    def _ref_backend(self, b: Backend, proto: Protocol, plan: Plan) -> int:
-        key = pack_backend(b, proto)
-        bid = self._be_ids.get(key)
-        if bid is None:
-            while self._next_be_id in self._be_refs or self._next_be_id == 0:
-                self._next_be_id = (self._next_be_id + 1) & 0xFFFFFFFF
-            bid = self._next_be_id
-            self._next_be_id = (bid + 1) & 0xFFFFFFFF
-            self._be_ids[key] = bid
-            self._be_key_by_id[bid] = key
-            self._be_refs[bid] = 0
-            plan.backend_write[bid] = key
-        self._be_refs[bid] += 1
-        return bid
+    def _id(self, key: bytes) -> int:
+        """The id of a referenced backend; 0 for _STALE."""
+        v = self._be.get(key)
+        return 0 if v is None else v & _ID
 
-    def _release_backend(self, bid: int) -> None:
-        key = self._be_key_by_id.pop(bid, None)
-        if key is not None and self._be_ids.get(key) == bid:
-            del self._be_ids[key]
-        self._be_refs.pop(bid, None)
+    def backend_ids(self) -> dict[bytes, int]:
+        """Packed backend -> id, from the shadow (tests and debugging)."""
+        return {k: v & _ID for k, v in self._be.items()}
 
     def _vip_ref(self, r: Record | _Svc, key: Key, delta: int, plan: Plan) -> None:
         kind = r.kind if isinstance(r, Record) else r.value[2]
@@ -675,18 +716,18 @@ class ServiceMaps:
                 plan.vip_delete.discard(ip)
             self._vips[ip] = n
 
-    def _maglev_bytes(self, ids: tuple[int, ...]) -> bytes:
-        table = maglev_table([str(unpack_backend(self._be_key_by_id[b])[0]) for b in ids],
-                             self.maglev_size)
+    def _maglev_bytes(self, keys: tuple[bytes, ...], ids: tuple[int, ...]) -> bytes:
+        table = maglev_table([str(unpack_backend(k)[0]) for k in keys], self.maglev_size)
         return struct.pack(f"={self.maglev_size}I", *(ids[i] for i in table))
 
     def plan(self, changes: Iterable[tuple[Key, Record | None]],
-             plan: Plan | None = None, unrefs: list[int] | None = None) -> Plan:
+             plan: Plan | None = None, unrefs: list[bytes] | None = None) -> Plan:
         """Plan the changes and update the shadow as if they were applied.
 
-        With ``unrefs`` the backend references the changes drop are appended there
-        rather than released: the caller releases them (``release``) once every
-        chunk of a larger change has taken its references."""
+        With ``unrefs`` the backend references the changes drop (packed backends)
+        are appended there rather than released: the caller releases them
+        (``release``) once every chunk of a larger change has taken its
+        references."""
         plan = plan or Plan()
         deferred = unrefs is not None
         unrefs = unrefs if unrefs is not None else []
@@ -698,23 +739,24 @@ class ServiceMaps:
                 sid = old.svc_id
                 plan.svc_delete.append(key)
                 plan.name_delete.append(sid)
-                plan.slot_delete += [(sid, i) for i in range(len(old.backend_ids))]
-                plan.member_delete |= {(sid, b) for b in old.backend_ids}
+                plan.slot_delete += [(sid, i) for i in range(len(old.backends))]
+                plan.member_delete |= {(sid, self._id(k)) for k in old.backends
+                                       if k is not _STALE}
                 plan.range_delete |= {(sid, n) for n in old.ranges}
                 if old.maglev or old.value[0] & F_MAGLEV:
                     plan.maglev_delete.add(sid)
-                unrefs += old.backend_ids
-                self._svc_ids_used.discard(sid)
-                self._slot_total -= len(old.backend_ids)
+                unrefs += old.backends
+                self._slot_total -= len(old.backends)
                 self._vip_ref(old, key, -1, plan)
                 del self._svc[key]
                 self._external -= key[1] == SCOPE_EXTERNAL
                 continue
             proto = key[0].protocol
-            ids = tuple(self._ref_backend(b, proto, plan) for b in rec.backends)
+            keys = tuple([pack_backend(b, proto) for b in rec.backends])
+            ids = tuple([self._ref_backend(k, plan) for k in keys])
             value = (rec.flags, rec.affinity_timeout, int(rec.kind))
             if old is None:
-                sid = self._alloc_svc_id()
+                sid = self._svc_ids.take()
                 self._vip_ref(rec, key, +1, plan)
                 self._external += key[1] == SCOPE_EXTERNAL
                 # a new key: everything is written, no set arithmetic (full syncs
@@ -726,31 +768,32 @@ class ServiceMaps:
                     plan.range_write.update([(sid, n) for n in rec.source_ranges])
                 maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
                 if maglev:
-                    table = self._maglev_bytes(ids)
+                    table = self._maglev_bytes(keys, ids)
                     if self._adopted_tables.pop(sid, None) != table:
                         plan.maglev_write[sid] = table
                 plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
                 plan.name_write[sid] = rec.name
                 self._slot_total += len(ids)
-                self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
+                self._svc[key] = _Svc(sid, keys, value, rec.name, rec.source_ranges, maglev)
                 continue
             sid = old.svc_id
-            old_ids, old_ranges, old_maglev = old.backend_ids, old.ranges, old.maglev
-            unrefs += old_ids
+            old_keys, old_ranges, old_maglev = old.backends, old.ranges, old.maglev
+            old_ids = {self._id(k) for k in old_keys if k is not _STALE}
+            unrefs += old_keys
             if old.value[2] != rec.kind:  # e.g. an address moving from clusterIP to LB
                 self._vip_ref(old, key, -1, plan)
                 self._vip_ref(rec, key, +1, plan)
-            for i, bid in enumerate(ids):
-                if i >= len(old_ids) or old_ids[i] != bid:
-                    plan.slot_write[(sid, i)] = bid
-            plan.slot_delete += [(sid, i) for i in range(len(ids), len(old_ids))]
-            plan.member_write |= {(sid, b) for b in set(ids) - set(old_ids)}
-            plan.member_delete |= {(sid, b) for b in set(old_ids) - set(ids)}
+            for i, k in enumerate(keys):
+                if i >= len(old_keys) or old_keys[i] != k:
+                    plan.slot_write[(sid, i)] = ids[i]
+            plan.slot_delete += [(sid, i) for i in range(len(keys), len(old_keys))]
+            plan.member_write |= {(sid, b) for b in set(ids) - old_ids}
+            plan.member_delete |= {(sid, b) for b in old_ids - set(ids)}
             plan.range_write |= {(sid, n) for n in set(rec.source_ranges) - set(old_ranges)}
             plan.range_delete |= {(sid, n) for n in set(old_ranges) - set(rec.source_ranges)}
             maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
-            if maglev and (not old_maglev or ids != old_ids):
-                table = self._maglev_bytes(ids)
+            if maglev and (not old_maglev or keys != old_keys):
+                table = self._maglev_bytes(keys, ids)
                 if self._adopted_tables.pop(sid, None) != table:
                     plan.maglev_write[sid] = table
             elif old_maglev and not maglev:
@@ -759,23 +802,26 @@ class ServiceMaps:
                 plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
             if old.name != rec.name:
                 plan.name_write[sid] = rec.name
-            self._slot_total += len(ids) - len(old_ids)
-            self._svc[key] = _Svc(sid, ids, value, rec.name, rec.source_ranges, maglev)
+            self._slot_total += len(keys) - len(old_keys)
+            self._svc[key] = _Svc(sid, keys, value, rec.name, rec.source_ranges, maglev)
         if not deferred:
             self.release(unrefs, plan)
         return plan
 
-    def release(self, unrefs: Iterable[int], plan: Plan) -> None:
+    def release(self, unrefs: Iterable[bytes], plan: Plan) -> None:
         """Drop backend references; a backend nobody references is deleted. Called
         after all references of a sync are taken, so that a backend moving between
         services within one sync keeps its id."""
-        for bid in unrefs:
-            if bid not in self._be_refs:
+        for key in unrefs:
+            v = self._be.get(key)
+            if v is None:  # _STALE
                 continue
-            self._be_refs[bid] -= 1
-            if self._be_refs[bid] <= 0:
-                plan.backend_delete.append(bid)
-                self._release_backend(bid)
+            v -= _REF
+            if v < _REF:
+                del self._be[key]
+                plan.backend_delete.append(v)
+            else:
+                self._be[key] = v
 
     # ----- applying -------------------------------------------------------------------
 
@@ -833,7 +879,7 @@ class ServiceMaps:
                                                     if k not in want]
         changes += want.items()
         del want
-        unrefs: list[int] = []
+        unrefs: list[bytes] = []
         for i in range(0, len(changes), FULL_SYNC_CHUNK):
             ops += self.apply(self.plan(changes[i:i + FULL_SYNC_CHUNK], unrefs=unrefs))
         last = Plan()
@@ -861,4 +907,4 @@ class ServiceMaps:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""
         return {"services": len(self._svc) / self.services.max_entries,
                 "backend_slots": self._slot_total / self.slots.max_entries,
-                "backends": len(self._be_refs) / self.backends.max_entries}
+                "backends": len(self._be) / self.backends.max_entries}

@@ -196,6 +196,33 @@ def test_tracker_drops_noop_changes_and_reports_changed_frontends() -> None:
     assert a3.diff.removed == (fe("10.96.0.10"),) and len(t.state()) == 0
 
 
+def test_tracker_two_services_on_one_frontend_and_two_slices_per_service() -> None:
+    """Files can give two Services one ClusterIP: the lexically first owns the
+    frontend, and the other takes over when it goes. A Service's slices merge, and
+    losing one slice drops only its endpoints."""
+    t = ChangeTracker()
+    b = parse_service(service_obj("b", "10.96.0.10", PORTS))
+    a = parse_service(service_obj("a", "10.96.0.10", PORTS))
+    for svc in (b, a):
+        t.update_service(svc.key, svc)
+    slices = [parse_slice(slice_obj(n, [ip], TPORTS, name=f"{n}-{i}"))
+              for n, i, ip in (("a", 1, "10.0.0.1"), ("a", 2, "10.0.0.2"), ("b", 1, "10.0.0.3"))]
+    for sl in slices:
+        t.update_slice(sl.key, sl)
+    t.apply()
+    owner = t.state()[fe("10.96.0.10")]
+    assert owner.name.startswith("default/a") and len(owner.backends) == 2
+    t.update_slice(slices[1].key, None)
+    t.apply()
+    assert [str(x.ip) for x in t.state()[fe("10.96.0.10")].backends] == ["10.0.0.1"]
+    t.update_service(a.key, None)
+    d = t.apply().diff
+    assert [e.name.split(":")[0] for e in d.upserted] == ["default/b"]
+    assert [str(x.ip) for x in t.state()[fe("10.96.0.10")].backends] == ["10.0.0.3"]
+    t.update_service(b.key, None)
+    assert t.apply().diff.removed == (fe("10.96.0.10"),) and len(t.state()) == 0
+
+
 # ----- file source -------------------------------------------------------------------------
 
 def test_file_source_reads_lists_multidoc_json_and_directories(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from controller.model import IPAddress, IPNetwork, Protocol
 
@@ -146,8 +146,10 @@ class EndpointConditions:
 class Endpoint:
     """One entry of endpoints[] of an EndpointSlice."""
 
-    addresses: tuple[IPAddress, ...]
-    """endpoints[].addresses (kube-proxy uses only the first)."""
+    address: IPAddress | None
+    """endpoints[].addresses[0]; None in an FQDN slice. All the addresses are
+    validated, but kube-proxy uses only the first (the API calls them fungible),
+    and a tuple per endpoint was 9 MB at 200,000 endpoints."""
     conditions: EndpointConditions
     """Readiness facts."""
     node_name: str
@@ -310,6 +312,25 @@ def _labels(r: _Reader, meta: Mapping[str, Any]) -> Mapping[str, str]:
     return {str(k): r.string(v, f"metadata.labels[{k}]") for k, v in labels.items()}
 
 
+T = TypeVar("T")
+
+_SHARED_PORTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_SHARED_PORTS_MAX = 4096
+
+
+def _shared_ports(ports: tuple[T, ...]) -> tuple[T, ...]:
+    """One instance of each distinct port list. Most Services and slices repeat a
+    handful of them; a tuple and its ports per object were 10 MB at 50,000
+    Services. Bounded: past 4,096 distinct lists (NodePorts are all distinct) new
+    ones are simply not shared."""
+    got = _SHARED_PORTS.get(ports)
+    if got is not None:
+        return got  # type: ignore[return-value]
+    if len(_SHARED_PORTS) < _SHARED_PORTS_MAX:
+        _SHARED_PORTS[ports] = ports
+    return ports
+
+
 def _word(value: str) -> str:
     """Intern a string that many objects repeat (namespaces, types, port names): the
     JSON decoder makes a new one per occurrence, 50-60 B each, and six per Service
@@ -414,7 +435,7 @@ def parse_service(obj: Any) -> Service:
         resource_version=r.string(meta.get("resourceVersion"), "metadata.resourceVersion"),
         type=_word(svc_type),
         cluster_ips=tuple(ips),
-        ports=tuple(ports),
+        ports=_shared_ports(tuple(ports)),
         labels=_labels(r, meta),
         external_ips=external_ips,
         lb_ips=tuple(lb_ips) if svc_type == "LoadBalancer" else (),
@@ -502,7 +523,7 @@ def parse_slice(obj: Any) -> EndpointSlice:
         # unset terminating means false.
         ready = r.boolean(cond.get("ready"), f"{path}.conditions.ready", True)
         endpoints.append(Endpoint(
-            addresses=tuple(addrs),
+            address=addrs[0] if addrs else None,
             conditions=_conditions(
                 ready,
                 r.boolean(cond.get("serving"), f"{path}.conditions.serving", True),
@@ -532,7 +553,7 @@ def parse_slice(obj: Any) -> EndpointSlice:
         service=ObjectKey(key.namespace, svc_name),
         address_type=_word(address_type),
         endpoints=tuple(endpoints),
-        ports=tuple(ports),
+        ports=_shared_ports(tuple(ports)),
         trigger_time=_time(r, annotations.get(TRIGGER_TIME_ANNOTATION), path),
     )
 

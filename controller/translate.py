@@ -177,12 +177,14 @@ def candidates(svc_port_name: str, protocol: object, family: str,
         if port is None:
             continue
         for ep in sl.endpoints:
+            if ep.address is None:  # FQDN: excluded by family above
+                continue
             flags = BackendFlag.NONE
             if node.name and ep.node_name == node.name:
                 flags |= BackendFlag.LOCAL
             if ep.conditions.terminating:
                 flags |= BackendFlag.TERMINATING
-            out.append(Candidate(Backend(ep.addresses[0], port, flags), ep))
+            out.append(Candidate(Backend(ep.address, port, flags), ep))
     return out
 
 

@@ -464,14 +464,24 @@ class _Svc:
     """The packed backend (map value) of each slot, in slot order: the key of
     ServiceMaps._be, where its id is. ``_STALE`` marks a slot read back pointing at a
     backend that is missing or a duplicate, so that the next plan rewrites it."""
-    value: tuple[int, int, int]
-    """flags, affinity timeout, kind: the services value but for id and count."""
+    flags: int
+    """KPR_SVC_F_* as written."""
+    affinity: int
+    """Affinity timeout as written."""
+    kind: int
+    """FrontendKind as written."""
     name: str
     """namespace/name:port (svc_names)."""
     ranges: tuple[IPNetwork, ...] = ()
     """Source ranges written for it."""
     maglev: bool = False
     """A Maglev table is written for the current backends."""
+
+    @property
+    def value(self) -> tuple[int, int, int]:
+        """The services value but for id and count. (Three fields rather than a
+        tuple: the ints are small and shared, a tuple was 3 MB at 50,000.)"""
+        return (self.flags, self.affinity, self.kind)
 
 
 _STALE = b""
@@ -629,7 +639,7 @@ class ServiceMaps:
                 else:  # no slot, no backend, or a duplicate id: rewrite it
                     k = _STALE
                 keys.append(k)
-            self._svc[key] = _Svc(sid, tuple(keys), value, names.get(sid, ""),
+            self._svc[key] = _Svc(sid, tuple(keys), *value, names.get(sid, ""),
                                   tuple(sorted(ranges.get(sid, []))), maglev=False)
         live = {s.svc_id: s for s in self._svc.values()}
         self._slot_total = sum(len(s.backends) for s in self._svc.values())
@@ -653,7 +663,7 @@ class ServiceMaps:
         self._adopted_tables = {sid: t for sid, t in tables.items() if sid in live}
         self._vips = {}
         for (f, scope), s in self._svc.items():
-            if scope == SCOPE_EXTERNAL and s.value[2] == FrontendKind.CLUSTER_IP:
+            if scope == SCOPE_EXTERNAL and s.kind == FrontendKind.CLUSTER_IP:
                 self._vips[f.ip] = self._vips.get(f.ip, 0) + 1
         plan.vip_delete = vips - set(self._vips)
         plan.vip_write = set(self._vips) - vips
@@ -701,7 +711,7 @@ class ServiceMaps:
         return {k: v & _ID for k, v in self._be.items()}
 
     def _vip_ref(self, r: Record | _Svc, key: Key, delta: int, plan: Plan) -> None:
-        kind = r.kind if isinstance(r, Record) else r.value[2]
+        kind = r.kind
         if key[1] != SCOPE_EXTERNAL or kind != FrontendKind.CLUSTER_IP:
             return
         ip = key[0].ip
@@ -743,7 +753,7 @@ class ServiceMaps:
                 plan.member_delete |= {(sid, self._id(k)) for k in old.backends
                                        if k is not _STALE}
                 plan.range_delete |= {(sid, n) for n in old.ranges}
-                if old.maglev or old.value[0] & F_MAGLEV:
+                if old.maglev or old.flags & F_MAGLEV:
                     plan.maglev_delete.add(sid)
                 unrefs += old.backends
                 self._slot_total -= len(old.backends)
@@ -774,13 +784,13 @@ class ServiceMaps:
                 plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
                 plan.name_write[sid] = rec.name
                 self._slot_total += len(ids)
-                self._svc[key] = _Svc(sid, keys, value, rec.name, rec.source_ranges, maglev)
+                self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev)
                 continue
             sid = old.svc_id
             old_keys, old_ranges, old_maglev = old.backends, old.ranges, old.maglev
             old_ids = {self._id(k) for k in old_keys if k is not _STALE}
             unrefs += old_keys
-            if old.value[2] != rec.kind:  # e.g. an address moving from clusterIP to LB
+            if old.kind != rec.kind:  # e.g. an address moving from clusterIP to LB
                 self._vip_ref(old, key, -1, plan)
                 self._vip_ref(rec, key, +1, plan)
             for i, k in enumerate(keys):
@@ -803,7 +813,7 @@ class ServiceMaps:
             if old.name != rec.name:
                 plan.name_write[sid] = rec.name
             self._slot_total += len(keys) - len(old_keys)
-            self._svc[key] = _Svc(sid, keys, value, rec.name, rec.source_ranges, maglev)
+            self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev)
         if not deferred:
             self.release(unrefs, plan)
         return plan

@@ -160,11 +160,27 @@ class ServiceEntry:
         if "source_ranges" in kw:
             kw["source_ranges"] = tuple(sorted(set(kw["source_ranges"]),  # type: ignore[call-overload]
                                                key=lambda n: (n.version, n)))
-        return ServiceEntry(frontend, bes, name, backend_flags=tuple(merged[b] for b in ordered),
+        return ServiceEntry(frontend, bes, name,
+                            backend_flags=_shared_flags(tuple(merged[b] for b in ordered)),
                             **kw)  # type: ignore[arg-type]
 
     def local_backends(self) -> tuple[Backend, ...]:
         return tuple(b for b in self.backends if b.flags & BackendFlag.LOCAL)
+
+
+_FLAGS: dict[tuple[BackendFlag, ...], tuple[BackendFlag, ...]] = {}
+
+
+def _shared_flags(flags: tuple[BackendFlag, ...]) -> tuple[BackendFlag, ...]:
+    """One instance of each distinct flags tuple: most entries' are all NONE, and a
+    tuple per entry was 4.4 MB at 50,000 Services. Bounded: past 4,096 distinct
+    tuples new ones are not shared."""
+    shared = _FLAGS.get(flags)
+    if shared is not None:
+        return shared
+    if len(_FLAGS) < 4096:
+        _FLAGS[flags] = flags
+    return flags
 
 
 class State(Mapping[Frontend, ServiceEntry]):

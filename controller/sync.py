@@ -187,7 +187,9 @@ class Proxier:
             self._triggers = ()
             return True
         try:
-            state = self.tracker.state() if full else self.tracker.view()
+            # the tracker's own dict, not a copy: apply() runs only here, and a
+            # copy of 50,000 entries was 2.5 MB at the full sync's memory peak
+            state = self.tracker.view()
             diff = None if full else applied.diff
             result = self.datapath.sync(state, diff)
         except Exception as e:

@@ -130,7 +130,9 @@ class ChangeTracker:
         self._slice_changes: dict[ObjectKey, Change[EndpointSlice]] = {}
         self._retranslate: set[ObjectKey] = set()  # node changes: every Service
         self._triggers: dict[ObjectKey, list[float]] = defaultdict(list)
-        self._entries: dict[ObjectKey, tuple[ServiceEntry, ...]] = {}
+        # Service -> its entries; a lone entry is stored bare (most Services have
+        # one port, and a 1-tuple each was 2.8 MB at 50,000): see _entries_of
+        self._entries: dict[ObjectKey, ServiceEntry | tuple[ServiceEntry, ...]] = {}
         self._no_local: dict[ObjectKey, tuple[int, int]] = {}
         # frontend -> keys of the Services with an entry for it; normally one
         self._owners: KeySets[Frontend] = KeySets()
@@ -242,13 +244,13 @@ class ChangeTracker:
             new = (translate_service(svc, [self._slices[k] for k in
                                            self._slices_by_service.get(key)],
                                      self._node) if svc is not None else ())
-            old = self._entries.get(key, ())
+            old = self._entries_of(key)
             triggers += self._triggers.pop(key, ())
             if old == new:
                 continue  # a no-op change, dropped
             services_changed += 1
             if new:
-                self._entries[key] = new
+                self._entries[key] = new[0] if len(new) == 1 else new
             else:
                 self._entries.pop(key, None)
             oi, oe = self._no_local.pop(key, (0, 0))
@@ -276,12 +278,16 @@ class ChangeTracker:
             # Two Services claiming one frontend (possible from files): the
             # lexically first Service wins, whatever the order of events.
             win = min(owners, key=lambda k: (k.namespace, k.name))
-            now = next(e for e in self._entries[win] if e.frontend == f)
+            now = next(e for e in self._entries_of(win) if e.frontend == f)
             self._state[f] = now
             if now != before:
                 upserted.append(now)
         return Applied(Diff(tuple(upserted), tuple(removed)), services_changed,
                        tuple(triggers))
+
+    def _entries_of(self, key: ObjectKey) -> tuple[ServiceEntry, ...]:
+        v = self._entries.get(key, ())
+        return (v,) if isinstance(v, ServiceEntry) else v
 
     def state(self) -> State:
         """A snapshot of the whole desired State (O(N); full syncs only)."""

@@ -30,11 +30,11 @@ from controller.model import Backend, BackendFlag
 def ep(addr: str, *, ready: bool = True, serving: bool | None = None, terminating: bool = False,
        local: bool = False, zones: str = "", nodes: str = "") -> Candidate:
     """An endpoint: address, conditions, locality and hints ("a,b")."""
-    e = Endpoint(ipaddress.ip_address(addr),
-                 EndpointConditions(ready, ready if serving is None else serving, terminating),
-                 "node-1" if local else "node-2", "",
-                 frozenset(z for z in zones.split(",") if z),
-                 frozenset(n for n in nodes.split(",") if n))
+    e = Endpoint.make(ipaddress.ip_address(addr),
+                      EndpointConditions(ready, ready if serving is None else serving, terminating),
+                      "node-1" if local else "node-2", "",
+                      frozenset(z for z in zones.split(",") if z),
+                      frozenset(n for n in nodes.split(",") if n))
     flags = BackendFlag.LOCAL if local else BackendFlag.NONE
     return Candidate(Backend(ipaddress.ip_address(addr), 80, flags), e)
 

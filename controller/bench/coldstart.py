@@ -179,7 +179,7 @@ def cold_start(n: int, datapath: Any, endpoints: int = 2,
     tracker.apply()
     t2 = time.perf_counter()
     rss["translated"] = _vm("VmRSS")
-    result = datapath.sync(tracker.state(), None)
+    result = datapath.sync(tracker.view(), None)  # as the Proxier's full syncs do
     t3 = time.perf_counter()
     rss["programmed"] = _vm("VmRSS")
     rss["peak"] = _vm("VmHWM")

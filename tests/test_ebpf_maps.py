@@ -161,7 +161,7 @@ def test_a_chunked_full_sync_keeps_moving_backends_and_repairs_drift(
     bid2 = dp1.maps.backend_ids()[maps.pack_backend(Backend(ipaddress.IPv4Address(0x0AF40002), 8080),
                                                Protocol.TCP)]
     lost = next(s for (f, _), s in dp1.maps._svc.items() if f.port == 82)  # service 2
-    dp1.maps.members.delete([_PAIR.pack(lost.svc_id, dp1.maps.backend_ids()[lost.backends[0]])])
+    dp1.maps.members.delete([_PAIR.pack(lost.svc_id, dp1.maps._id(lost.backends[0]))])
     dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
     dp2.load()
     # backend 2 leaves service 0 (TCP, first in the State) for service 4 (TCP, last)

@@ -17,6 +17,7 @@ network namespace; tests and simulated nodes run several on one machine.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import shutil
@@ -33,6 +34,7 @@ from controller.datapaths.ebpf.maps import (
     BpfMap,
     Key,
     MapOpError,
+    SCOPE_EXTERNAL,
     Record,
     ServiceMaps,
     canonical,
@@ -190,6 +192,15 @@ class EbpfDatapath:
         self.unprogrammed.pop(e.frontend, None)
         return records(e, self.cfg.lb_algorithm == "maglev")
 
+    def _wanted(self, state: State, key: Key) -> bool:
+        """Whether a full sync of ``state`` programs ``key`` (without building every
+        record: a twin key is rare, and only it needs its entry's records)."""
+        e = state.get(key[0])
+        if e is None or _unsupported(e):
+            return False
+        return key[1] == SCOPE_EXTERNAL or any(
+            r.key == key for r in records(e, self.cfg.lb_algorithm == "maglev"))
+
     def canonical(self, state: Iterable[ServiceEntry]) -> State:
         """The State ``dump()`` returns once ``state`` is programmed."""
         return State(canonical(e, self.cfg.lb_algorithm == "maglev") for e in state
@@ -203,10 +214,9 @@ class EbpfDatapath:
             try:
                 if diff is None:
                     self.unprogrammed = {}
-                    recs: list[Record] = []
-                    for e in state.values():
-                        recs += self._records(e) or []
-                    ops = self.maps.full_sync(recs)
+                    ops = self.maps.full_sync(
+                        (r for e in state.values() for r in self._records(e) or ()),
+                        functools.partial(self._wanted, state))
                 else:
                     upserted: list[Record] = []
                     removed: list[Key] = []

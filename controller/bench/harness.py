@@ -229,7 +229,7 @@ def run(cfg: BenchConfig, progress: Any = None) -> Run:
                     for mode in order:
                         if progress:
                             progress(f"{scale} Services: {mode} (round {rep + 1})")
-                        r = _one(tb, mode, scale, cfg, live, client, client_bin)
+                        r = _one(tb, mode, scale, cfg, live, client, client_bin, rep)
                         r["round"] = rep
                         out.results.append(r)
                 for mode in run_modes:
@@ -297,7 +297,7 @@ def _wait_serving(binary: str, ns: str, ip: str) -> None:
 
 
 def _one(tb: Any, mode: str, scale: int, cfg: BenchConfig, live: dict[str, str],
-         client: Any, client_bin: str) -> dict[str, Any]:
+         client: Any, client_bin: str, rnd: int = 0) -> dict[str, Any]:
     from controller.testbed import kpr_argv
 
     instance = f"bench-{tb.prefix}"
@@ -308,7 +308,8 @@ def _one(tb: Any, mode: str, scale: int, cfg: BenchConfig, live: dict[str, str],
             "--connlat", client_bin,
             "--connections", str(cfg.connections), "--changes", str(cfg.changes),
             "--traffic-changes", str(cfg.traffic_changes),
-            "--interfaces", f"{tb.prefix}p*", "--instance", instance, "--bpffs-root", root]
+            "--interfaces", f"{tb.prefix}p*", "--instance", instance, "--bpffs-root", root,
+            "--round", str(rnd)]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
     # whatever happened, nothing of this datapath stays for the next one
     subprocess.run(kpr_argv(tb.node, "cleanup", "--instance", instance, "--bpffs-root",

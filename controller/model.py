@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -168,19 +169,35 @@ class ServiceEntry:
         return tuple(b for b in self.backends if b.flags & BackendFlag.LOCAL)
 
 
-_FLAGS: dict[tuple[BackendFlag, ...], tuple[BackendFlag, ...]] = {}
+H = TypeVar("H", bound=Hashable)
 
 
-def _shared_flags(flags: tuple[BackendFlag, ...]) -> tuple[BackendFlag, ...]:
-    """One instance of each distinct flags tuple: most entries' are all NONE, and a
-    tuple per entry was 4.4 MB at 50,000 Services. Bounded: past 4,096 distinct
-    tuples new ones are not shared."""
-    shared = _FLAGS.get(flags)
-    if shared is not None:
-        return shared
-    if len(_FLAGS) < 4096:
-        _FLAGS[flags] = flags
-    return flags
+class Interner(Generic[H]):
+    """One shared instance per distinct immutable value, for values that many objects
+    repeat (port lists, endpoint facts, flag tuples). Each was one object per
+    Service or endpoint before, several MB apiece at 50,000 Services.
+
+    Bounded: past ``limit`` distinct values new ones are returned unshared, so a
+    stream of unique values (NodePorts) cannot grow it without end. A race between
+    threads at worst leaves one value unshared."""
+
+    __slots__ = ("_seen", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._seen: dict[H, H] = {}
+        self._limit = limit
+
+    def __call__(self, value: H) -> H:
+        shared = self._seen.get(value)
+        if shared is not None:
+            return shared
+        if len(self._seen) < self._limit:
+            self._seen[value] = value
+        return value
+
+
+_shared_flags: Interner[tuple[BackendFlag, ...]] = Interner()
+"""Most entries' flags are all NONE (a tuple per entry was 4.4 MB at 50,000)."""
 
 
 class State(Mapping[Frontend, ServiceEntry]):

@@ -20,9 +20,9 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from controller.model import IPAddress, IPNetwork, Protocol
+from controller.model import Interner, IPAddress, IPNetwork, Protocol
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 """EndpointSlice label naming the Service it belongs to."""
@@ -155,8 +155,7 @@ class EndpointFacts:
     """endpoints[].hints.forNodes[].name: nodes this endpoint should serve."""
 
 
-_FACTS: dict[EndpointFacts, EndpointFacts] = {}
-_FACTS_MAX = 4096
+_shared_facts: Interner[EndpointFacts] = Interner()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +180,9 @@ class Endpoint:
              zone: str = "", zone_hints: frozenset[str] = frozenset(),
              node_hints: frozenset[str] = frozenset()) -> Endpoint:
         """An endpoint whose facts are shared with every endpoint with the same ones
-        (bounded: past 4,096 distinct combinations new ones are not shared)."""
-        facts = EndpointFacts(conditions, zone, zone_hints, node_hints)
-        shared = _FACTS.get(facts)
-        if shared is None:
-            shared = facts
-            if len(_FACTS) < _FACTS_MAX:
-                _FACTS[facts] = facts
-        return Endpoint(address, node_name, shared)
+        (bounded, see Interner)."""
+        return Endpoint(address, node_name,
+                        _shared_facts(EndpointFacts(conditions, zone, zone_hints, node_hints)))
 
     @property
     def conditions(self) -> EndpointConditions:
@@ -357,23 +351,9 @@ def _labels(r: _Reader, meta: Mapping[str, Any]) -> Mapping[str, str]:
     return {str(k): r.string(v, f"metadata.labels[{k}]") for k, v in labels.items()}
 
 
-T = TypeVar("T")
-
-_SHARED_PORTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-_SHARED_PORTS_MAX = 4096
-
-
-def _shared_ports(ports: tuple[T, ...]) -> tuple[T, ...]:
-    """One instance of each distinct port list. Most Services and slices repeat a
-    handful of them; a tuple and its ports per object were 10 MB at 50,000
-    Services. Bounded: past 4,096 distinct lists (NodePorts are all distinct) new
-    ones are simply not shared."""
-    got = _SHARED_PORTS.get(ports)
-    if got is not None:
-        return got  # type: ignore[return-value]
-    if len(_SHARED_PORTS) < _SHARED_PORTS_MAX:
-        _SHARED_PORTS[ports] = ports
-    return ports
+_shared_ports: Interner[tuple[Any, ...]] = Interner()
+"""Most Services and slices repeat a handful of port lists (a tuple and its ports per
+object were 10 MB at 50,000 Services); NodePorts make distinct ones."""
 
 
 def _word(value: str) -> str:

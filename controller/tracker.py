@@ -12,8 +12,8 @@ Modelled on kube-proxy's ServiceChangeTracker / EndpointsChangeTracker:
   frontends that really changed. Nothing in it walks all Services, so one change
   among 50,000 costs work proportional to that Service (``work`` counts the steps,
   and a test holds it to that).
-* :meth:`ChangeTracker.state` is the whole desired State, for full syncs; building it
-  is the only O(N) step, and only full syncs pay it.
+* :meth:`ChangeTracker.view` is the whole desired State without a copy, valid until
+  the next apply; full syncs read it, and only they walk every entry.
 
 Everything else the sync loop reports is kept incrementally too: the number of
 service ports with a Local policy but no local endpoint (a kube-proxy metric) and the
@@ -290,12 +290,14 @@ class ChangeTracker:
         return (v,) if isinstance(v, ServiceEntry) else v
 
     def state(self) -> State:
-        """A snapshot of the whole desired State (O(N); full syncs only)."""
+        """A snapshot of the whole desired State (O(N)), for a caller that keeps it
+        past the next apply() (tests)."""
         with self._lock:
             return State(self._state.values())
 
     def view(self) -> State:
         """The desired State without copying: valid only until the next apply().
-        Partial syncs pass it, so they do not pay for a snapshot."""
+        Every sync passes it (apply() runs in the sync loop only), so none pays for
+        a snapshot: a copy of 50,000 entries was 2.5 MB at the full sync's peak."""
         return State.wrap(self._state)
 

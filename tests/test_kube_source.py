@@ -144,8 +144,11 @@ def test_gone_relists_and_drops_nothing_programmed(api: FakeApiServer,
     api.compact()
     api.port = port
     api.start()
+    # The relist is counted before it lists: wait for its two changes to arrive too
+    # (web3's deletion, web1's new slice).
     wait_until(lambda: ("services", "gone") in h.obs.relists
-               and ("endpointslices", "gone") in h.obs.relists, timeout=10)
+               and ("endpointslices", "gone") in h.obs.relists
+               and h.tracker.pending() == (1, 1), timeout=10)
     applied = h.tracker.apply()
     # Exactly what changed, nothing else: web2 was never removed and re-added.
     assert sorted(str(f.ip) for f in applied.diff.removed) == ["10.96.0.3"]

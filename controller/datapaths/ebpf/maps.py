@@ -726,8 +726,7 @@ class ServiceMaps:
         return {_bval(k): v & _ID for k, v in self._be.items()}
 
     def _vip_ref(self, r: Record | _Svc, key: Key, delta: int, plan: Plan) -> None:
-        kind = r.kind
-        if key[1] != SCOPE_EXTERNAL or kind != FrontendKind.CLUSTER_IP:
+        if key[1] != SCOPE_EXTERNAL or r.kind != FrontendKind.CLUSTER_IP:
             return
         ip = key[0].ip
         n = self._vips.get(ip, 0) + delta

@@ -34,16 +34,31 @@ def vip(i: int) -> str:
     return str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.96.0.0")) + 1 + i))
 
 
-def slice_of(i: int, addresses: list[str], namespace: str = "bench") -> dict[str, Any]:
-    """The EndpointSlice of generated Service i, with these endpoint addresses."""
+def service_of(i: int, namespace: str = "bench", name: str | None = None,
+               port: int = 80, target_port: int = 8080) -> dict[str, Any]:
+    """Generated Service i: a ClusterIP Service with one TCP port (named svc-i unless
+    ``name`` is given)."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name or f"svc-{i}", "namespace": namespace},
+            "spec": {"type": "ClusterIP", "clusterIP": vip(i), "clusterIPs": [vip(i)],
+                     "ipFamilies": ["IPv4"],
+                     "ports": [{"name": "http", "port": port, "protocol": "TCP",
+                                "targetPort": target_port}]}}
+
+
+def slice_of(i: int, addresses: list[str], namespace: str = "bench",
+             name: str | None = None, port: int = 8080) -> dict[str, Any]:
+    """The EndpointSlice of generated Service i (or of Service ``name``), with these
+    endpoint addresses."""
+    name = name or f"svc-{i}"
     eps = [{"addresses": [a], "conditions": {"ready": True, "serving": True,
                                              "terminating": False},
             "nodeName": f"node-{j}"} for j, a in enumerate(addresses)]
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"svc-{i}-abcde", "namespace": namespace,
-                         "labels": {"kubernetes.io/service-name": f"svc-{i}"}},
+            "metadata": {"name": f"{name}-abcde", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4", "endpoints": eps,
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
 
 
 def fake_endpoints(i: int, endpoints: int) -> list[str]:
@@ -59,12 +74,7 @@ def objects(n: int, endpoints: int = 2, namespace: str = "bench",
     others get ``endpoints`` addresses nothing answers on."""
     out: list[dict[str, Any]] = []
     for i in range(n):
-        out.append({"apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": f"svc-{i}", "namespace": namespace},
-                    "spec": {"type": "ClusterIP", "clusterIP": vip(i), "clusterIPs": [vip(i)],
-                             "ipFamilies": ["IPv4"],
-                             "ports": [{"name": "http", "port": 80, "protocol": "TCP",
-                                        "targetPort": 8080}]}})
+        out.append(service_of(i, namespace))
         out.append(slice_of(i, (real or {}).get(i) or fake_endpoints(i, endpoints),
                             namespace))
     return out

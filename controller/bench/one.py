@@ -140,29 +140,64 @@ def bpf_cost(binary: str, client_ns: str, ip: str, count: int) -> dict[str, Any]
             "runs": total_cnt}
 
 
-def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, backend_ip: str,
-                      repeat: int = 100000) -> dict[str, float]:
-    """ns per run of the loaded programs on crafted packets (BPF_PROG_TEST_RUN)."""
+def loop_pair(n: int) -> list[dict[str, Any]]:
+    """Two extra Services whose backends are each other's frontend: P (vip(n):80)
+    has Q's frontend as its one endpoint, and Q (vip(n+1):8080) has P's.
+
+    BPF_PROG_TEST_RUN with ``repeat`` runs the program again and again on the same
+    buffer, which the first run rewrites: an established packet to an ordinary
+    Service becomes client -> backend after one run, and the other runs time the
+    "not a Service" path. Through the pair, every rewrite gives a packet that is
+    again an established flow of the other Service, so every run is a real
+    established DNAT (conntrack hit, backend lookup, both rewrites). No packet is
+    ever sent to them: only test runs use them."""
+    p, q = coldstart.vip(n), coldstart.vip(n + 1)
+    return [coldstart.service_of(n, name="loop-p", port=80, target_port=8080),
+            coldstart.slice_of(n, [q], name="loop-p", port=8080),
+            coldstart.service_of(n + 1, name="loop-q", port=8080, target_port=80),
+            coldstart.slice_of(n + 1, [p], name="loop-q", port=80)]
+
+
+def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, pair: tuple[str, str],
+                      repeat: int = 100000, batches: int = 5) -> dict[str, float]:
+    """ns per run of the loaded programs on crafted packets (BPF_PROG_TEST_RUN):
+    a new flow to ``vip``, and an established flow's packet and its reply through
+    the loop ``pair`` (see loop_pair). The kernel's counters must show that every
+    repeated run took the path it is reported as, or this raises."""
     from controller.kernel import prog_test_run
     from controller.packets import frame
 
     ingress, egress = dp.prog_fds["ingress"], dp.prog_fds["egress"]
+    p, q = pair
     new = []
     for port in range(20000, 22000):  # a new flow each: a fresh source port
         new.append(prog_test_run(ingress, frame(client_ip, vip, port, 80, flags=0x02))
                    .duration_ns)
-    est = prog_test_run(ingress, frame(client_ip, vip, 20000, 80, flags=0x10),
-                        repeat=repeat).duration_ns
+    # the two flows of the pair, client:40000 -> P:80 and -> Q:8080
+    prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x02))
+    prog_test_run(ingress, frame(client_ip, q, 40000, 8080, flags=0x02))
+    before = dp.stats()
+    est = [prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x10),
+                         repeat=repeat).duration_ns for _ in range(batches)]
+    # replies: Q:8080 -> client is P's flow's reply (restored to P:80), and the
+    # other way round
+    rev = [prog_test_run(egress, frame(p, client_ip, 80, 40000, flags=0x12),
+                         repeat=repeat).duration_ns for _ in range(batches)]
+    after = dp.stats()
+    runs = repeat * batches
+    got = {k: after.get(k, 0) - before.get(k, 0) for k in ("ct_hit", "dnat", "revnat")}
+    if got != {"ct_hit": runs, "dnat": runs, "revnat": runs}:
+        raise RuntimeError(f"the test runs did not all take the established path: "
+                           f"{runs} runs each, counters {got}")
     # A new flow can only be timed one run per call (the second run of the same SYN
     # finds the flow). One run per call carries a fixed cost a repeated run spreads
     # (cold caches, the timer): the same established packet timed the same way
     # shows it, so new flow minus this is the new flow's own work.
-    est1 = [prog_test_run(ingress, frame(client_ip, vip, 20000, 80, flags=0x10)).duration_ns
+    est1 = [prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x10)).duration_ns
             for _ in range(2000)]
-    rev = prog_test_run(egress, frame(backend_ip, client_ip, 8080, 20000, flags=0x12),
-                        repeat=repeat).duration_ns
-    return {"new_flow_ns": statistics.median(new), "established_ns": float(est),
-            "reply_ns": float(rev), "established_single_run_ns": statistics.median(est1)}
+    return {"new_flow_ns": statistics.median(new), "established_ns": statistics.median(est),
+            "reply_ns": statistics.median(rev),
+            "established_single_run_ns": statistics.median(est1)}
 
 
 def jit_enabled() -> bool:
@@ -248,8 +283,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if mode == "ebpf":
             out["bpf"] = bpf_cost(args.connlat, args.client_ns,
                                   coldstart.vip(targets["tail"]), min(2000, args.connections))
+            for obj in loop_pair(n):
+                r.server.apply(obj)
+            deadline = time.perf_counter() + 30
+            while r.tracker.counts() != (n + 2, n + 2):  # all four seen by the watch
+                if time.perf_counter() > deadline:
+                    raise TimeoutError("the watch did not deliver the loop pair")
+                time.sleep(0.001)
+            assert r.proxier.sync()
             out["bpf"]["test_run"] = bpf_test_run_cost(
-                dp, args.client_ip, coldstart.vip(targets["tail"]), live[names[0]])
+                dp, args.client_ip, coldstart.vip(targets["tail"]),
+                (coldstart.vip(n), coldstart.vip(n + 1)))
         # one Service change at this scale, p50/p99 over ``changes``
         rng = random.Random(n)
         times = []

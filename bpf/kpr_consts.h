@@ -50,7 +50,7 @@
 #define KPR_PIN_DIR "/sys/fs/bpf/kpr/default"
 #endif
 
-/* Conntrack lifetimes, in nanoseconds of CLOCK_MONOTONIC (bpf_ktime_get_ns).
+/* Conntrack lifetimes, in nanoseconds of CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns).
  * Values follow Cilium's defaults (bpf/lib/conntrack.h): long enough for idle TCP
  * sessions, short for datagrams and for TCP after FIN/RST. */
 #define KPR_NSEC_PER_SEC 1000000000ULL
@@ -95,6 +95,11 @@
 #define KPR_FRAG_NONE 0  /* not fragmented */
 #define KPR_FRAG_FIRST 1 /* offset 0, more-fragments set: carries the L4 header */
 #define KPR_FRAG_LATER 2 /* offset > 0: no L4 header, ports come from the frag map */
+
+/* Largest L4 header offset a rewrite accepts (a bound the verifier needs for the
+ * variable offset): Ethernet + IPv6 + KPR_IPV6_MAX_EXT extension headers of at most
+ * 2,048 bytes each fit below it. */
+#define KPR_MAX_L4_OFF 16384
 
 /* TCP flag bits in byte 13 of the TCP header. */
 #define KPR_TCP_FIN 0x01

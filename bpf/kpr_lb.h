@@ -206,20 +206,26 @@ static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
 
 /* Where this packet goes: the flow's own backend if it is still usable, else a new
  * choice (affinity, Maglev or random), masqueraded if `masq` or hairpin, recorded
- * in the conntrack maps. */
+ * in the conntrack maps. `key` is the packet's tuple (its conntrack key), built
+ * once by the caller (not const: bcc's map calls take plain pointers). */
 static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
+					  struct kpr_tuple *key,
 					  const struct kpr_svc_value *svc, int masq,
 					  const struct kpr_config *cfg, struct kpr_fwd *f)
 {
-	struct kpr_tuple key;
 	struct kpr_ct_value *ct;
 	struct kpr_ct_value fresh = {};
 	struct kpr_backend *be = NULL;
-	__u64 now = bpf_ktime_get_ns();
+	/* The tick-granular clock: conntrack lifetimes are seconds and refreshes one a
+	 * second, so a few ms of granularity change nothing, and it reads the
+	 * timekeeper's last tick rather than the clock source (bpf_ktime_get_ns's
+	 * rdtsc was about a tenth of an established packet's cost in a KVM guest,
+	 * kernel 6.18). Kernel >= 5.11. Same clock base: entries written by either
+	 * compare correctly. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 backend_id = 0;
 
-	kpr_tuple_from_pkt(p, &key);
-	ct = conntrack.lookup(&key);
+	ct = conntrack.lookup(key);
 	if (ct && kpr_ct_usable(ct, p, now)) {
 		be = backends.lookup(&ct->backend_id);
 		if (be) {
@@ -262,7 +268,7 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	fresh.snat_port = f->snat_port;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		fresh.flags = KPR_CT_F_CLOSING;
-	if (conntrack.update(&key, &fresh) || kpr_nat_entries(p, f))
+	if (conntrack.update(key, &fresh) || kpr_nat_entries(p, f))
 		kpr_count(KPR_STAT_CT_FULL);
 	kpr_count(KPR_STAT_NEW_FLOW);
 	return KPR_LB_OK;

@@ -74,7 +74,7 @@ struct kpr_tuple {
 
 /* conntrack value: the backend a flow was given, and its masquerade source if any. */
 struct kpr_ct_value {
-	__u64 last_seen;          /* bpf_ktime_get_ns() of the last refresh */
+	__u64 last_seen;          /* bpf_ktime_get_coarse_ns() of the last refresh */
 	__u32 backend_id;         /* key into backends */
 	__u32 svc_id;             /* service the flow was balanced for */
 	union kpr_addr snat_addr; /* masquerade source address; zero: the client's is kept */
@@ -107,7 +107,7 @@ struct kpr_affinity_key {
 
 /* affinity value. */
 struct kpr_affinity_value {
-	__u64 last_used;  /* bpf_ktime_get_ns() when a flow last chose this backend */
+	__u64 last_used;  /* bpf_ktime_get_coarse_ns() when a flow last chose */
 	__u32 backend_id; /* key into backends */
 	__u32 pad;        /* explicit padding, always 0 */
 };

@@ -87,9 +87,16 @@ int kpr_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	kpr_tuple_from_pkt(&p, &t);
-	na = unsnat.lookup(&t);
-	if (na)
-		return kpr_apply(skb, &p, 1, na, KPR_STAT_UNSNAT);
+	cfg = kpr_config();
+	/* Only a reply to the masquerade address can have an unsnat entry: other
+	 * packets skip that lookup (a 40-byte key hashed and compared on every packet).
+	 * An entry made for an earlier masquerade address is skipped too: its replies
+	 * go to an address the node no longer masquerades with. */
+	if (cfg && kpr_addr_eq(&p.daddr, p.family == 4 ? &cfg->snat4 : &cfg->snat6)) {
+		na = unsnat.lookup(&t);
+		if (na)
+			return kpr_apply(skb, &p, 1, na, KPR_STAT_UNSNAT);
+	}
 
 	svc = kpr_frontend(&p, &k, &vip_only);
 	if (!svc)
@@ -100,10 +107,9 @@ int kpr_ingress(struct __sk_buff *skb)
 		kpr_count(KPR_STAT_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
-	cfg = kpr_config();
 	masq = kpr_policy(&p, &k, &svc, cfg);
 
-	switch (kpr_lb_backend(&p, svc, masq, cfg, &f)) {
+	switch (kpr_lb_backend(&p, &t, svc, masq, cfg, &f)) {
 	case KPR_LB_OK:
 		break;
 	case KPR_LB_EMPTY:

@@ -315,3 +315,54 @@ def test_ipv6_tcp_reject_is_a_reset(dp: EbpfDatapath, vip: str, dport: int) -> N
     ret, out = ingress(dp, bytes(acked))
     assert ret == TC_ACT_REDIRECT and struct.unpack("!IIBB", out[58:68])[::3] == (777, 0x04)
     assert ingress(dp, frame(CLIENT6, vip, 40109, dport, TCP, flags=0x04))[0] == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_masqueraded_flow_round_trip_and_a_new_masquerade_address(family: int) -> None:
+    """masqueradeAll: the client's packet is DNATed at ingress and gets the masquerade
+    source at egress; the backend's reply to the masquerade address gets its client
+    back at ingress (unsnat, looked up only for that address) and the frontend as
+    its source at egress. After the masquerade address changes, new flows use the
+    new one the same way."""
+    from controller.datapaths.node import NodeNet
+
+    v4 = family == 4
+    client, vip, be = (CLIENT, "10.96.0.60", "10.244.0.61") if v4 else \
+        (CLIENT6, "fd00:96::60", "fd00:244::61")
+    node = ["10.0.0.1", "10.0.0.2"] if v4 else ["fd00::1", "fd00::2"]
+    d = new_datapath()
+    d.load()
+    try:
+        def node_net(snat: str) -> NodeNet:
+            ips = tuple(ipaddress.ip_address(a) for a in node)
+            return NodeNet(addresses=ips, nodeport=ips, snat=(ipaddress.ip_address(snat),),
+                           cluster_cidrs=(), masquerade_all=True, netns_cookie=0)
+
+        assert d.node_maps is not None
+        d.node_maps.write(node_net(node[0]))
+        d.sync(State([entry(vip, 80, Protocol.TCP, [(be, 8080)])]), None)
+        for snat, sport in ((node[0], 40200), (node[1], 40201)):
+            d.node_maps.write(node_net(snat))
+            before = d.stats()
+            ret, out = ingress(d, frame(client, vip, sport, 80, TCP, b"req"))
+            p = parse(out)
+            assert ret == TC_ACT_OK and (p.dst, p.dport) == (be, 8080) and p.l4_csum_ok
+            ret, out = egress(d, out)
+            p = parse(out)
+            assert ret == TC_ACT_OK and p.src == snat and (p.dst, p.dport) == (be, 8080)
+            assert p.l4_csum_ok and (not v4 or p.ip_csum_ok) and p.payload == b"req"
+            masq_port = p.sport
+            ret, out = ingress(d, frame(be, snat, 8080, masq_port, TCP, b"resp", flags=0x12))
+            p = parse(out)
+            assert ret == TC_ACT_OK and (p.src, p.dst, p.dport) == (be, client, sport)
+            assert p.l4_csum_ok and (not v4 or p.ip_csum_ok)
+            ret, out = egress(d, out)
+            p = parse(out)
+            assert ret == TC_ACT_OK
+            assert (p.src, p.sport, p.dst, p.dport) == (vip, 80, client, sport)
+            assert p.l4_csum_ok and (not v4 or p.ip_csum_ok) and p.payload == b"resp"
+            after = d.stats()
+            assert {k: after[k] - before[k] for k in ("dnat", "snat", "unsnat", "revnat")} \
+                == {"dnat": 1, "snat": 1, "unsnat": 1, "revnat": 1}
+    finally:
+        cleanup(d.cfg.pin_dir)

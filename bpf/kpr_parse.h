@@ -31,18 +31,42 @@
 /* Extension headers walked before giving up (Cilium walks as many, bpf/lib/ipv6.h). */
 #define KPR_IPV6_MAX_EXT 4
 
-/* The L4 ports (and TCP flags, checksum) at p->l4_off. */
+/* The L4 ports (and TCP flags, checksum) at p->l4_off. Read in place when the
+ * header is in the linear area (nearly always: a helper call, with its return
+ * thunk, costs more than the rest of the parse), else copied out by the helper. */
 static __always_inline int kpr_parse_l4(struct __sk_buff *skb, struct kpr_pkt *p)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 off = p->l4_off;
 	__u8 hdr[20]; /* the fixed TCP header (checksum at 16); UDP's is 8 bytes */
 
+	if (off > KPR_MAX_L4_OFF) /* a bound for the verifier; headers end well before */
+		return KPR_PARSE_TRUNC;
 	if (p->proto == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, p->l4_off, hdr, 20) < 0)
+		struct tcphdr *th = data + off;
+
+		if ((void *)(th + 1) <= data_end) {
+			p->tcp_flags = ((__u8 *)th)[13];
+			p->l4_csum = th->check;
+			p->sport = th->source;
+			p->dport = th->dest;
+			return KPR_PARSE_OK;
+		}
+		if (bpf_skb_load_bytes(skb, off, hdr, 20) < 0)
 			return KPR_PARSE_TRUNC;
 		p->tcp_flags = hdr[13];
 		p->l4_csum = *(__u16 *)&hdr[16];
 	} else {
-		if (bpf_skb_load_bytes(skb, p->l4_off, hdr, 8) < 0)
+		struct udphdr *uh = data + off;
+
+		if ((void *)(uh + 1) <= data_end) {
+			p->l4_csum = uh->check;
+			p->sport = uh->source;
+			p->dport = uh->dest;
+			return KPR_PARSE_OK;
+		}
+		if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
 			return KPR_PARSE_TRUNC;
 		p->l4_csum = *(__u16 *)&hdr[6];
 	}

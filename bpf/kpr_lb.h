@@ -204,43 +204,57 @@ static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
 	affinity.update(&ak, &av);
 }
 
-/* Where this packet goes: the flow's own backend if it is still usable, else a new
- * choice (affinity, Maglev or random), masqueraded if `masq` or hairpin, recorded
- * in the conntrack maps. `key` is the packet's tuple (its conntrack key), built
- * once by the caller (not const: bcc's map calls take plain pointers). */
-static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
-					  struct kpr_tuple *key,
-					  const struct kpr_svc_value *svc, int masq,
-					  const struct kpr_config *cfg, struct kpr_fwd *f)
+/* The clock of conntrack and affinity: the tick-granular one. Lifetimes are
+ * seconds and refreshes one a second, so a few ms of granularity change nothing,
+ * and it reads the timekeeper's last tick, not the clock source (bpf_ktime_get_ns's
+ * rdtsc cost about 12 ns of an established packet's 226 in a KVM guest, kernel
+ * 6.18). Kernel >= 5.11. The same clock base as bpf_ktime_get_ns, so entries
+ * written by older programs compare correctly. */
+static __always_inline __u64 kpr_now(void)
 {
-	struct kpr_ct_value *ct;
-	struct kpr_ct_value fresh = {};
-	struct kpr_backend *be = NULL;
-	/* The tick-granular clock: conntrack lifetimes are seconds and refreshes one a
-	 * second, so a few ms of granularity change nothing, and it reads the
-	 * timekeeper's last tick rather than the clock source (bpf_ktime_get_ns's
-	 * rdtsc was about a tenth of an established packet's cost in a KVM guest,
-	 * kernel 6.18). Kernel >= 5.11. Same clock base: entries written by either
-	 * compare correctly. */
-	__u64 now = bpf_ktime_get_coarse_ns();
-	__u32 backend_id = 0;
+	return bpf_ktime_get_coarse_ns();
+}
 
-	ct = conntrack.lookup(key);
-	if (ct && kpr_ct_usable(ct, p, now)) {
-		be = backends.lookup(&ct->backend_id);
-		if (be) {
-			kpr_count(KPR_STAT_CT_HIT);
-			f->be_addr = be->addr;
-			f->be_port = be->port;
-			f->snat_addr = ct->snat_addr;
-			f->snat_port = ct->snat_port;
-			kpr_ct_touch(ct, p, f, now);
-			return KPR_LB_OK;
-		}
+/* An established flow: its own backend, if its conntrack entry is live and the
+ * backend still exists. Fills *f and returns 1; returns 0 for a packet that needs
+ * a new choice. `key` is the packet's tuple (its conntrack key). The service's
+ * policy is not consulted: it decided when the flow began. */
+static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tuple *key,
+					  __u64 now, struct kpr_fwd *f)
+{
+	struct kpr_ct_value *ct = conntrack.lookup(key);
+	struct kpr_backend *be;
+
+	if (!ct || !kpr_ct_usable(ct, p, now))
+		return 0;
+	be = backends.lookup(&ct->backend_id);
+	if (!be) {
 		/* The backend is gone: a datagram flow moves to a live one; a TCP flow
 		 * gets a backend that answers with RST, so it fails fast, never hangs. */
 		kpr_count(KPR_STAT_CT_STALE);
+		return 0;
 	}
+	kpr_count(KPR_STAT_CT_HIT);
+	f->be_addr = be->addr;
+	f->be_port = be->port;
+	f->snat_addr = ct->snat_addr;
+	f->snat_port = ct->snat_port;
+	kpr_ct_touch(ct, p, f, now);
+	return 1;
+}
+
+/* A new flow's backend: affinity, Maglev or random, masqueraded if `masq` or
+ * hairpin, recorded in the conntrack maps. `key` is the packet's tuple, built once
+ * by the caller (not const: bcc's map calls take plain pointers). */
+static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
+					  struct kpr_tuple *key,
+					  const struct kpr_svc_value *svc, int masq,
+					  const struct kpr_config *cfg, __u64 now,
+					  struct kpr_fwd *f)
+{
+	struct kpr_ct_value fresh = {};
+	struct kpr_backend *be = NULL;
+	__u32 backend_id = 0;
 
 	if (svc->flags & KPR_SVC_F_AFFINITY)
 		be = kpr_affinity_get(p, svc, now, &backend_id);

@@ -3,9 +3,10 @@
  *
  * kpr_ingress runs on packets entering the node from a pod or an external link:
  *   - a reply to a masquerade address gets its client back as destination;
- *   - a packet to a service frontend is checked against source ranges and traffic
- *     policy, then DNATed to a backend (its flow recorded), or rejected or dropped
- *     when the service has no backend for it.
+ *   - a packet to a service frontend is checked against source ranges; an
+ *     established flow's packet goes to the flow's backend; a new flow's is
+ *     checked against the traffic policy, then DNATed to a backend (its flow
+ *     recorded), or rejected or dropped when the service has no backend for it.
  * kpr_egress runs on packets leaving the node:
  *   - a masqueraded flow's packet gets its masquerade source;
  *   - a reply from a backend gets its source restored to the frontend.
@@ -82,6 +83,7 @@ int kpr_ingress(struct __sk_buff *skb)
 	struct kpr_config *cfg;
 	int vip_only = 0;
 	int masq;
+	__u64 now;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_INGRESS_PKTS) < 0)
 		return TC_ACT_OK;
@@ -107,20 +109,22 @@ int kpr_ingress(struct __sk_buff *skb)
 		kpr_count(KPR_STAT_DROP_SOURCE_RANGE);
 		return TC_ACT_SHOT;
 	}
-	masq = kpr_policy(&p, &k, &svc, cfg);
-
-	switch (kpr_lb_backend(&p, &t, svc, masq, cfg, &f)) {
-	case KPR_LB_OK:
-		break;
-	case KPR_LB_EMPTY:
-		if (svc->flags & KPR_SVC_F_DROP_EMPTY) {
-			kpr_count(KPR_STAT_DROP_NO_BACKEND);
+	now = kpr_now();
+	if (!kpr_ct_forward(&p, &t, now, &f)) {
+		masq = kpr_policy(&p, &k, &svc, cfg);
+		switch (kpr_lb_backend(&p, &t, svc, masq, cfg, now, &f)) {
+		case KPR_LB_OK:
+			break;
+		case KPR_LB_EMPTY:
+			if (svc->flags & KPR_SVC_F_DROP_EMPTY) {
+				kpr_count(KPR_STAT_DROP_NO_BACKEND);
+				return TC_ACT_SHOT;
+			}
+			return kpr_icmp_reject(skb, &p);
+		default:
+			kpr_count(KPR_STAT_DROP_SNAT_PORTS);
 			return TC_ACT_SHOT;
 		}
-		return kpr_icmp_reject(skb, &p);
-	default:
-		kpr_count(KPR_STAT_DROP_SNAT_PORTS);
-		return TC_ACT_SHOT;
 	}
 	if (kpr_nat_rewrite(skb, &p, 1, &f.be_addr, f.be_port) < 0) {
 		kpr_count(KPR_STAT_DROP_NAT_FAIL);

@@ -146,7 +146,7 @@ static __always_inline struct kpr_backend *kpr_lb_select(const struct kpr_pkt *p
 			if (idx >= KPR_MAGLEV_SIZE)
 				return NULL;
 			*backend_id = tbl->backend_ids[idx];
-			return backends.lookup(backend_id);
+			return kpr_backend(*backend_id);
 		}
 	}
 	sk.svc_id = svc->svc_id;
@@ -159,7 +159,7 @@ static __always_inline struct kpr_backend *kpr_lb_select(const struct kpr_pkt *p
 			return NULL;
 	}
 	*backend_id = *id;
-	return backends.lookup(id);
+	return kpr_backend(*id);
 }
 
 /* sessionAffinity ClientIP: the client's backend if it chose one within the timeout
@@ -182,7 +182,9 @@ kpr_affinity_get(const struct kpr_pkt *p, const struct kpr_svc_value *svc, __u64
 	mk.backend_id = av->backend_id;
 	if (!members.lookup(&mk))
 		return NULL;
-	be = backends.lookup(&mk.backend_id);
+	be = kpr_backend(mk.backend_id);
+	if (be && be->gen != av->backend_gen)
+		return NULL; /* the id went to another backend meanwhile */
 	if (be) {
 		*backend_id = mk.backend_id;
 		kpr_count(KPR_STAT_AFFINITY_HIT);
@@ -192,7 +194,7 @@ kpr_affinity_get(const struct kpr_pkt *p, const struct kpr_svc_value *svc, __u64
 
 static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
 					     const struct kpr_svc_value *svc, __u64 now,
-					     __u32 backend_id)
+					     __u32 backend_id, __u32 backend_gen)
 {
 	struct kpr_affinity_key ak = {};
 	struct kpr_affinity_value av = {};
@@ -201,6 +203,7 @@ static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
 	ak.client = p->saddr;
 	av.last_used = now;
 	av.backend_id = backend_id;
+	av.backend_gen = backend_gen;
 	affinity.update(&ak, &av);
 }
 
@@ -227,8 +230,8 @@ static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tu
 
 	if (!ct || !kpr_ct_usable(ct, p, now))
 		return 0;
-	be = backends.lookup(&ct->backend_id);
-	if (!be) {
+	be = kpr_backend(ct->backend_id);
+	if (!be || be->gen != ct->backend_gen) {
 		/* The backend is gone: a datagram flow moves to a live one; a TCP flow
 		 * gets a backend that answers with RST, so it fails fast, never hangs. */
 		kpr_count(KPR_STAT_CT_STALE);
@@ -255,6 +258,7 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	struct kpr_ct_value fresh = {};
 	struct kpr_backend *be = NULL;
 	__u32 backend_id = 0;
+	__u32 backend_gen;
 
 	if (svc->flags & KPR_SVC_F_AFFINITY)
 		be = kpr_affinity_get(p, svc, now, &backend_id);
@@ -264,10 +268,11 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 		return KPR_LB_EMPTY;
 	f->be_addr = be->addr;
 	f->be_port = be->port;
+	backend_gen = be->gen; /* read with the address: what the flow is bound to */
 	__builtin_memset(&f->snat_addr, 0, sizeof(f->snat_addr));
 	f->snat_port = 0;
 	if (svc->flags & KPR_SVC_F_AFFINITY)
-		kpr_affinity_put(p, svc, now, backend_id);
+		kpr_affinity_put(p, svc, now, backend_id, backend_gen);
 
 	if ((masq || kpr_addr_eq(&f->be_addr, &p->saddr)) && cfg) {
 		const union kpr_addr *snat_addr = p->family == 4 ? &cfg->snat4 : &cfg->snat6;
@@ -277,6 +282,7 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	}
 	fresh.last_seen = now;
 	fresh.backend_id = backend_id;
+	fresh.backend_gen = backend_gen;
 	fresh.svc_id = svc->svc_id;
 	fresh.snat_addr = f->snat_addr;
 	fresh.snat_port = f->snat_port;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Every map, pinned under KPR_PIN_DIR so that a restarted controller reads its state
  * back and the new programs reuse the maps the running ones use (no traffic lost on a
- * restart or upgrade). The "_v3" suffix is the layout version: a change of any struct
+ * restart or upgrade). The "_v4" suffix is the layout version: a change of any struct
  * in kpr_structs.h bumps it, so an old pin is never reused with a new layout.
  */
 #ifndef KPR_MAPS_H
@@ -10,7 +10,7 @@
 #include "kpr_consts.h"
 #include "kpr_structs.h"
 
-#define KPR_PIN(name) KPR_PIN_DIR "/" #name "_v3"
+#define KPR_PIN(name) KPR_PIN_DIR "/" #name "_v4"
 
 /* frontend -> service */
 BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_value, services,
@@ -20,8 +20,9 @@ BPF_TABLE_PINNED("hash", struct kpr_svc_key, struct kpr_svc_value, services,
 BPF_TABLE_PINNED("hash", struct kpr_slot_key, __u32, backend_slots, KPR_MAX_SLOTS,
 		 KPR_PIN(backend_slots));
 
-/* backend id -> backend address */
-BPF_TABLE_PINNED("hash", __u32, struct kpr_backend, backends, KPR_MAX_BACKENDS,
+/* backend id -> backend address. An array: ids are 1 .. KPR_MAX_BACKENDS, and
+ * index 0 stays free (a slot the controller could not fill holds 0). */
+BPF_TABLE_PINNED("array", __u32, struct kpr_backend, backends, KPR_MAX_BACKENDS + 1,
 		 KPR_PIN(backends));
 
 /* (service, backend id) -> 1: membership, for affinity */
@@ -95,6 +96,14 @@ static __always_inline void kpr_count(__u32 idx)
 
 	if (c)
 		*c += 1; /* per-CPU slot: no atomic needed */
+}
+
+/* The backend at index `id`, NULL for a free entry or an id out of range. */
+static __always_inline struct kpr_backend *kpr_backend(__u32 id)
+{
+	struct kpr_backend *be = backends.lookup(&id);
+
+	return be && be->proto ? be : NULL;
 }
 
 static __always_inline struct kpr_config *kpr_config(void)

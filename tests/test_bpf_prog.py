@@ -366,3 +366,46 @@ def test_masqueraded_flow_round_trip_and_a_new_masquerade_address(family: int) -
                 == {"dnat": 1, "snat": 1, "unsnat": 1, "revnat": 1}
     finally:
         cleanup(d.cfg.pin_dir)
+
+
+def test_a_flow_never_follows_its_backend_id_to_the_next_owner() -> None:
+    """Backend ids are indexes of the backends array and are reused. A flow bound to
+    a released backend must find it gone (another generation), not the backend that
+    now holds its id: it is balanced again over its own service."""
+    from controller.datapaths.ebpf.loader import MapSizes
+    from controller.datapaths.ebpf.maps import pack_backend
+
+    d = new_datapath(sizes=MapSizes(backends=3))  # ids 1..3: every id is reused soon
+    d.load()
+    try:
+        s1 = entry("10.96.0.70", 80, Protocol.TCP, [("10.244.0.71", 8080)])
+        d.sync(State([s1]), None)
+        ret, out = ingress(d, frame(CLIENT, "10.96.0.70", 40300, 80, TCP))
+        assert parse(out).dst == "10.244.0.71"
+        old = d.maps.backend_ids()[pack_backend(s1.backends[0], Protocol.TCP)]
+        # the flow's backend leaves; two other backends come and take ids 2, 3, then
+        # the released one
+        s1b = entry("10.96.0.70", 80, Protocol.TCP, [("10.244.0.73", 8080)])
+        s2 = entry("10.96.0.80", 80, Protocol.TCP, [("10.244.0.74", 8080), ("10.244.0.72", 8080)])
+        d.sync(State([s1b]), None)
+        d.sync(State([s1b, s2]), None)
+        ids = d.maps.backend_ids()
+        assert sorted(ids.values()) == [1, 2, 3]
+        assert old in {ids[pack_backend(b, Protocol.TCP)] for b in s2.backends}
+        before = d.stats()
+        ret, out = ingress(d, frame(CLIENT, "10.96.0.70", 40300, 80, TCP, flags=0x10))
+        p = parse(out)
+        assert ret == TC_ACT_OK and (p.dst, p.dport) == ("10.244.0.73", 8080)
+        assert p.ip_csum_ok and p.l4_csum_ok
+        assert d.stats()["ct_stale"] == before["ct_stale"] + 1
+        # The newest generation went to s2's backends. With them released, only
+        # their tombstones hold it: a restarted controller still reads it back, so
+        # its next backend gets a newer one than any flow may hold.
+        d.sync(State([s1b]), None)
+        newest = d.maps._be_ids.gen
+        d2 = EbpfDatapath(d.cfg)
+        d2.load()
+        assert d2.sync(State([s1b]), None).ops == 0  # adopts: nothing to change
+        assert d2.maps._be_ids.gen == newest > max(d.maps.backend_ids().values())
+    finally:
+        cleanup(d.cfg.pin_dir)

@@ -73,7 +73,7 @@ def test_incremental_syncs_end_where_one_full_sync_ends(
     # every slot and member is a live service's; one backend per (address, port, proto)
     want_slots = sum(len(e.backends) + len(e.cluster_backends) for e in prev.values())
     assert dp.maps.slots.count() == want_slots
-    assert dp.maps.backends.count() == len(
+    assert dp.maps.backends_in_kernel() == len(
         {(b, e.frontend.protocol) for e in prev.values()
          for b in e.backends + e.cluster_backends})
     assert r.ops == 0

@@ -439,3 +439,21 @@ def test_ids_grow_skip_zero_and_after_a_wrap_skip_ids_in_use() -> None:
     assert [ids.take() for _ in range(3)] == [2, 4, 5]
     ids.start_above(7)  # a restart read the maps back: ids above 7 are free
     assert ids.take() == 8
+
+
+def test_backend_ids_fresh_first_then_the_longest_free_each_with_a_newer_generation() -> None:
+    from controller.datapaths.ebpf.maps import MapOpError, _BackendIds
+
+    ids = _BackendIds(capacity=5)  # ids 1..4: index 0 is never an id
+    taken = [ids.take() for _ in range(3)]
+    assert [i for i, _ in taken] == [1, 2, 3]
+    assert [g for _, g in taken] == [1, 2, 3]
+    ids.give([2, 1])  # released in this order (after the plan freeing them applied)
+    # a fresh id before a released one; then the released, oldest first
+    assert [ids.take() for _ in range(3)] == [(4, 4), (2, 5), (1, 6)]
+    with pytest.raises(MapOpError, match="backends.*map full"):
+        ids.take()
+    assert ids.in_use() == 4
+    # read back after a restart: 2 and 3 live, the array's newest generation 9
+    ids.reset(3, [1], 9)
+    assert [ids.take() for _ in range(2)] == [(4, 10), (1, 11)]

@@ -110,7 +110,7 @@ def stat_names(bpf_dir: Path = BPF_DIR) -> list[str]:
     return [n.lower() for n in names if n != "MAX"]
 
 
-LAYOUT = "_v3"
+LAYOUT = "_v4"
 """Pin name suffix: kpr_maps.h's layout version (KPR_PIN)."""
 
 # (pin file name, the MapSizes attribute that sets its capacity)
@@ -124,11 +124,24 @@ _PINNED: list[tuple[str, str]] = [(name + LAYOUT, attr) for name, attr in [
 ]]
 
 
+_EXTRA = {"backends" + LAYOUT: 1}
+"""Entries a map has beyond its MapSizes capacity: the backends array's index 0,
+which is never an id (a slot holding 0 finds a free entry)."""
+
+_OLD_LAYOUT = re.compile(r"[a-z0-9_]+_v[0-9]+")
+
+
 def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
+    # Maps of an earlier layout: the programs no longer read them (their pins would
+    # hold the memory until the directory is removed).
+    for path in pin_dir.iterdir():
+        if _OLD_LAYOUT.fullmatch(path.name) and not path.name.endswith(LAYOUT):
+            log.warning("pinned map %s is of an earlier layout: removing it", path)
+            path.unlink()
     for fname, attr in _PINNED:
         path = pin_dir / fname
         info = kernel.pinned_map_info(path)
-        want = getattr(sizes, attr)
+        want = getattr(sizes, attr) + _EXTRA.get(fname, 0)
         if info is not None and info.max_entries != want:
             log.warning("pinned map %s holds %d entries, config wants %d: recreating it",
                         path, info.max_entries, want)
@@ -151,7 +164,7 @@ def sizes_from_pins(pin_dir: Path) -> MapSizes | None:
     for fname, attr in _PINNED:
         info = kernel.pinned_map_info(pin_dir / fname)
         if info is not None:
-            found[attr] = info.max_entries
+            found[attr] = info.max_entries - _EXTRA.get(fname, 0)
             if attr == "maglev":
                 found["maglev_size"] = info.value_size // 4
     if "services" not in found:

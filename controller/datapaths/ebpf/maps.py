@@ -28,9 +28,12 @@ DELETE_BATCH, kernel 5.6+), built from packed bytes rather than per-element ctyp
 objects; LPM tries have no batch operations (kernel 6.18) and are written per element.
 
 Ids are reused across restarts (read back from the pinned maps, as Cilium's
-reconciler does) and never recycled soon after release: they grow monotonically, so a
-conntrack entry that names a deleted backend id finds nothing rather than another
-backend.
+reconciler does). Service ids grow monotonically. Backend ids index the backends
+array (an array lookup is inlined into the program, a hash lookup is not), so they
+are recycled, the longest-free first, each new occupant with a generation above
+every earlier one: a conntrack or affinity entry holds (id, generation), and one
+naming a released backend finds another generation rather than another backend.
+A released id is reused only after the plan that frees it is applied.
 
 A full sync first rebuilds the shadow from the kernel (adopting a previous process's
 state and finding drift) and repairs the kernel to match it: orphaned slots, members,
@@ -290,7 +293,8 @@ def pack_backend(b: Backend, proto: Protocol) -> bytes:
 
 
 def unpack_backend(raw: bytes) -> tuple[Backend, Protocol]:
-    addr, port, proto, _flags = _BACKEND.unpack(raw)
+    """A backend from a backends value (its generation, if there, ignored)."""
+    addr, port, proto, _flags = _BACKEND.unpack_from(raw)
     return Backend(unpack_addr(addr), socket.ntohs(port)), Protocol(proto)
 
 
@@ -501,6 +505,9 @@ def _bval(key: int) -> bytes:
     """The map value of a backend key (inverse of _bkey)."""
     return key.to_bytes(_BACKEND.size, "big")
 
+_BE_PROTO = 18
+"""Offset of the protocol byte in a backends value (kpr_backend.proto)."""
+
 _REF = 1 << 32
 """One reference, in ServiceMaps._be's id | references << 32 encoding."""
 _ID = _REF - 1
@@ -535,6 +542,59 @@ class _Ids:
                 self._used = set(self._in_use())
             elif self._used is None or i not in self._used:
                 return i
+
+
+class _BackendIds:
+    """Backend ids (indexes 1 .. capacity - 1 of the backends array, whose index 0
+    is never an id) and their generations.
+
+    Fresh ids are taken in order until the array's end, then released ones, the
+    longest-free first (a FIFO in an array('I'): a deque of ints cost 36 B per id),
+    so an id waits as long as it can before its next owner. Every id taken gets a
+    new generation, above every generation the array holds (``reset``), so no
+    conntrack entry ever names the new occupant. ``give`` returns ids once the
+    plan that tombstones them is applied: a plan writes its new backends before it
+    tombstones its released ones, so an id reused within one plan would be wiped."""
+
+    __slots__ = ("capacity", "next", "free", "head", "gen")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.next = 1
+        self.free = array("I")
+        self.head = 0
+        self.gen = 0
+
+    def reset(self, top: int, free: Iterable[int], gen: int) -> None:
+        """After reading the array back: every id in use is at most ``top``, ``free``
+        are the ones below it not in use, and ``gen`` the highest generation any
+        entry (live or tombstone) holds."""
+        self.next = top + 1
+        self.free = array("I", free)
+        self.head = 0
+        self.gen = gen
+
+    def take(self) -> tuple[int, int]:
+        """A free id and its new generation; MapOpError when the array is full."""
+        if self.next < self.capacity:
+            i = self.next
+            self.next += 1
+        elif self.head < len(self.free):
+            i = self.free[self.head]
+            self.head += 1
+            if self.head >= 4096 and self.head * 2 >= len(self.free):
+                del self.free[: self.head]  # drop the consumed front now and then
+                self.head = 0
+        else:
+            raise MapOpError("backends", "allocating an id", errno.E2BIG, 0, 1)
+        self.gen = (self.gen + 1) & _ID or 1
+        return i, self.gen
+
+    def give(self, ids: Iterable[int]) -> None:
+        self.free.extend(ids)
+
+    def in_use(self) -> int:
+        return self.next - 1 - (len(self.free) - self.head)
 
 
 @dataclass(slots=True)
@@ -586,10 +646,11 @@ class ServiceMaps:
         # nothing needs id -> key.
         self._be: dict[int, int] = {}
         self._svc_ids = _Ids(lambda: (s.svc_id for s in self._svc.values()))
-        self._be_ids = _Ids(lambda: (v & _ID for v in self._be.values()))
+        self._be_ids = _BackendIds(self.backends.max_entries)
         self._slot_total = 0  # sum of len(backends): fill() in O(1) per scrape
         self._external = 0  # keys of SCOPE_EXTERNAL: programmed() in O(1) per sync
         self._adopted_tables: dict[int, bytes] = {}  # read back, not yet compared
+        self._read_gen = 0  # the highest generation the backends array held when read
 
     # ----- reading the kernel ---------------------------------------------------------
 
@@ -615,9 +676,7 @@ class ServiceMaps:
         pairs = array("I", kb)
         for sid, slot, bid in zip(pairs[0::2], pairs[1::2], array("I", vb)):
             slots.setdefault(sid, {})[slot] = bid
-        kb, vb = self.backends.items_packed()
-        bs = self.backends.value_size
-        backends = dict(zip(array("I", kb), (vb[i:i + bs] for i in range(0, len(vb), bs))))
+        backends, self._read_gen = self._read_backends()
         kb, vb = self.names.items_packed()
         ns = self.names.value_size
         names = dict(zip(array("I", kb), (
@@ -631,6 +690,22 @@ class ServiceMaps:
         members = set(zip(pairs[0::2], pairs[1::2]))
         tables = {_U32.unpack(k)[0]: v for k, v in self.maglev.items()}
         return svcs, vips, slots, backends, names, ranges, members, tables
+
+    def _read_backends(self) -> tuple[dict[int, bytes], int]:
+        """The live backends (id -> packed value without its generation) and the
+        highest generation of any entry, live or tombstone."""
+        bs = self.backends.value_size
+        w = bs // 4  # the generation is a value's last word
+        live: dict[int, bytes] = {}
+        gen = 0
+        # batch by batch: an array reads back whole (every index), and joining it
+        # first cost 10 MB of transient at 200,000 backends
+        for kb, vb, n in self.backends._batches():
+            for bid, i in zip(array("I", kb[:4 * n]), range(0, n * bs, bs)):
+                if vb[i + _BE_PROTO]:  # a free entry's protocol byte is 0
+                    live[bid] = vb[i:i + _BACKEND.size]
+            gen = max(gen, max(array("I", vb[:n * bs])[w - 1::w], default=0))
+        return live, gen
 
     def adopt_kernel(self) -> Plan:
         """Rebuild the shadow from the kernel; returns a plan that prunes orphans and
@@ -663,7 +738,9 @@ class ServiceMaps:
         # or name must not meet a new service.
         self._svc_ids.start_above(max(chain(live, slots, names, ranges, tables,
                                             (sid for sid, _ in members)), default=0))
-        self._be_ids.start_above(max(backends, default=0))
+        top = max(backends, default=0)
+        self._be_ids.reset(top, (i for i in range(1, top + 1) if i not in backends),
+                           self._read_gen)
         # prune what no live service uses; restore what a live one misses
         plan.slot_delete = [(sid, slot) for sid, m in slots.items() for slot in m
                             if sid not in live or slot >= len(live[sid].backends)]
@@ -711,8 +788,8 @@ class ServiceMaps:
         """Take a reference on a backend (written if new); returns its id."""
         v = self._be.get(key)
         if v is None:
-            v = self._be_ids.take()
-            plan.backend_write[v] = _bval(key)
+            v, gen = self._be_ids.take()
+            plan.backend_write[v] = _bval(key) + _U32.pack(gen)
         self._be[key] = v + _REF
         return v & _ID
 
@@ -720,6 +797,10 @@ class ServiceMaps:
         """The id of a referenced backend; 0 for _STALE."""
         v = self._be.get(key)
         return 0 if v is None else v & _ID
+
+    def backends_in_kernel(self) -> int:
+        """Live entries of the backends array, read from the kernel (tests)."""
+        return len(self._read_backends()[0])
 
     def backend_ids(self) -> dict[bytes, int]:
         """Packed backend -> id, from the shadow (tests and debugging)."""
@@ -877,7 +958,11 @@ class ServiceMaps:
         self.maglev.delete_packed(_u32s(plan.maglev_delete))
         self.members.delete_packed(_u32s(chain.from_iterable(plan.member_delete)))
         self.slots.delete_packed(_u32s(chain.from_iterable(plan.slot_delete)))
-        self.backends.delete_packed(_u32s(plan.backend_delete))
+        # an array's entries cannot be deleted: a tombstone (protocol 0) carries the
+        # newest generation, so that one read back after a restart still bounds it
+        dead = bytes(_BACKEND.size) + _U32.pack(self._be_ids.gen)
+        self.backends.update_packed(_u32s(plan.backend_delete), dead * len(plan.backend_delete))
+        self._be_ids.give(plan.backend_delete)
         return plan.ops()
 
     # ----- entry points ---------------------------------------------------------------
@@ -935,4 +1020,4 @@ class ServiceMaps:
         """Fill ratio per owned map, from the shadow (cheap; for metrics)."""
         return {"services": len(self._svc) / self.services.max_entries,
                 "backend_slots": self._slot_total / self.slots.max_entries,
-                "backends": len(self._be) / self.backends.max_entries}
+                "backends": len(self._be) / (self.backends.max_entries - 1)}

@@ -50,16 +50,28 @@
 #define KPR_PIN_DIR "/sys/fs/bpf/kpr/default"
 #endif
 
-/* Conntrack lifetimes, in nanoseconds of CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns).
- * Values follow Cilium's defaults (bpf/lib/conntrack.h): long enough for idle TCP
- * sessions, short for datagrams and for TCP after FIN/RST. */
-#define KPR_NSEC_PER_SEC 1000000000ULL
-#define KPR_CT_LIFETIME_TCP (21600ULL * KPR_NSEC_PER_SEC)
-#define KPR_CT_LIFETIME_NONTCP (60ULL * KPR_NSEC_PER_SEC)
-#define KPR_CT_LIFETIME_CLOSING (10ULL * KPR_NSEC_PER_SEC)
+/* The clock of conntrack and affinity (kpr_now): jiffies when the controller found
+ * the kernel's tick rate (-DKPR_HZ=CONFIG_HZ), else the tick-granular nanosecond
+ * clock. Lifetimes are seconds and refreshes one a second, so a tick's granularity
+ * changes nothing. */
+#ifndef KPR_HZ
+#define KPR_HZ 0
+#endif
+#if KPR_HZ
+#define KPR_TICKS_PER_SEC ((__u64)KPR_HZ)
+#else
+#define KPR_TICKS_PER_SEC 1000000000ULL
+#endif
+
+/* Conntrack lifetimes, in kpr_now() ticks. Values follow Cilium's defaults
+ * (bpf/lib/conntrack.h): long enough for idle TCP sessions, short for datagrams and
+ * for TCP after FIN/RST. */
+#define KPR_CT_LIFETIME_TCP (21600ULL * KPR_TICKS_PER_SEC)
+#define KPR_CT_LIFETIME_NONTCP (60ULL * KPR_TICKS_PER_SEC)
+#define KPR_CT_LIFETIME_CLOSING (10ULL * KPR_TICKS_PER_SEC)
 /* last_seen is refreshed at most this often, to keep per-packet writes off the
  * shared cache line of a busy flow. */
-#define KPR_CT_REFRESH_NS (1ULL * KPR_NSEC_PER_SEC)
+#define KPR_CT_REFRESH (1ULL * KPR_TICKS_PER_SEC)
 
 /* Masquerade source ports: the client's own port first, then this many random
  * tries in [KPR_SNAT_PORT_MIN, 65535] (kube-proxy's MASQUERADE --random-fully

@@ -126,14 +126,14 @@ found:
 }
 
 /* Mark a flow closing on FIN/RST and refresh last_seen at most every
- * KPR_CT_REFRESH_NS; re-assert the reply-side entries at the same cadence so that
+ * KPR_CT_REFRESH; re-assert the reply-side entries at the same cadence so that
  * an LRU eviction of one never outlives an active flow by more than a second. */
 static __always_inline void kpr_ct_touch(struct kpr_ct_value *ct, const struct kpr_pkt *p,
 					 const struct kpr_fwd *f, __u64 now)
 {
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		ct->flags |= KPR_CT_F_CLOSING;
-	if (now - ct->last_seen > KPR_CT_REFRESH_NS) {
+	if (now - ct->last_seen > KPR_CT_REFRESH) {
 		ct->last_seen = now;
 		kpr_nat_entries(p, f);
 	}

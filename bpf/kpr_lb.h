@@ -176,7 +176,7 @@ kpr_affinity_get(const struct kpr_pkt *p, const struct kpr_svc_value *svc, __u64
 	ak.svc_id = svc->svc_id;
 	ak.client = p->saddr;
 	av = affinity.lookup(&ak);
-	if (!av || now - av->last_used > (__u64)svc->affinity_timeout * KPR_NSEC_PER_SEC)
+	if (!av || now - av->last_used > (__u64)svc->affinity_timeout * KPR_TICKS_PER_SEC)
 		return NULL;
 	mk.svc_id = svc->svc_id;
 	mk.backend_id = av->backend_id;
@@ -207,15 +207,17 @@ static __always_inline void kpr_affinity_put(const struct kpr_pkt *p,
 	affinity.update(&ak, &av);
 }
 
-/* The clock of conntrack and affinity: the tick-granular one. Lifetimes are
- * seconds and refreshes one a second, so a few ms of granularity change nothing,
- * and it reads the timekeeper's last tick, not the clock source (bpf_ktime_get_ns's
- * rdtsc cost about 12 ns of an established packet's 226 in a KVM guest, kernel
- * 6.18). Kernel >= 5.11. The same clock base as bpf_ktime_get_ns, so entries
- * written by older programs compare correctly. */
+/* The clock of conntrack and affinity, in KPR_TICKS_PER_SEC. bpf_jiffies64 is
+ * inlined by the verifier into one load (64-bit JITs, kernel >= 5.5): about 1 ns
+ * in a test run here, where bpf_ktime_get_coarse_ns (a call) cost 14 ns and
+ * bpf_ktime_get_ns (a call and rdtsc) 32 ns (KVM guest, kernel 6.18). */
 static __always_inline __u64 kpr_now(void)
 {
-	return bpf_ktime_get_coarse_ns();
+#if KPR_HZ
+	return bpf_jiffies64();
+#else
+	return bpf_ktime_get_coarse_ns(); /* kernel >= 5.11 */
+#endif
 }
 
 /* An established flow: its own backend, if its conntrack entry is live and the

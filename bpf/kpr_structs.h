@@ -79,7 +79,7 @@ struct kpr_tuple {
 
 /* conntrack value: the backend a flow was given, and its masquerade source if any. */
 struct kpr_ct_value {
-	__u64 last_seen;          /* bpf_ktime_get_coarse_ns() of the last refresh */
+	__u64 last_seen;          /* kpr_now() of the last refresh */
 	__u32 backend_id;         /* index into backends */
 	__u32 svc_id;             /* service the flow was balanced for */
 	union kpr_addr snat_addr; /* masquerade source address; zero: the client's is kept */
@@ -112,7 +112,7 @@ struct kpr_affinity_key {
 
 /* affinity value. */
 struct kpr_affinity_value {
-	__u64 last_used;  /* bpf_ktime_get_coarse_ns() when a flow last chose */
+	__u64 last_used;   /* kpr_now() when a flow last chose this backend */
 	__u32 backend_id;  /* index into backends */
 	__u32 backend_gen; /* the backend's kpr_backend.gen when it was chosen */
 };

@@ -287,6 +287,61 @@ def link_update(link_fd: int, prog_fd: int) -> None:
     sys_bpf(BPF_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=prog_fd))
 
 
+_HZ_VALUES = (100, 250, 300, 1000)  # the CONFIG_HZ choices (kernel/Kconfig.hz)
+_HZ: list[int] = []  # found once per process
+
+
+def clock_hz() -> int:
+    """The kernel's tick rate (CONFIG_HZ), for the programs' jiffies clock; 0 when it
+    cannot be found. From the running kernel's config (/proc/config.gz, then
+    /boot/config-<release>), else measured: jiffies from /proc/timer_list over
+    0.2 s, which must land within 5% of a CONFIG_HZ choice (Cilium measures it the
+    same way, from /proc/schedstat, which needs CONFIG_SCHEDSTATS)."""
+    if not _HZ:
+        _HZ.append(_config_hz() or _measured_hz())
+        log.info("kernel tick rate: %s", _HZ[0] or "unknown (flows use the ns clock)")
+    return _HZ[0]
+
+
+def _config_hz() -> int:
+    import gzip
+
+    for path, opener in ((Path("/proc/config.gz"), gzip.open),
+                         (Path(f"/boot/config-{platform.release()}"), open)):
+        try:
+            with opener(path, "rt") as f:  # type: ignore[operator]
+                m = re.search(r"^CONFIG_HZ=(\d+)$", f.read(), re.M)
+        except OSError:
+            continue
+        if m and int(m.group(1)) in _HZ_VALUES:
+            return int(m.group(1))
+    return 0
+
+
+def _jiffies() -> int | None:
+    try:
+        with open("/proc/timer_list") as f:
+            for line in f:
+                if line.startswith("jiffies: "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _measured_hz(span: float = 0.2) -> int:
+    import time
+
+    t0, j0 = time.monotonic(), _jiffies()
+    time.sleep(span)
+    t1, j1 = time.monotonic(), _jiffies()
+    if j0 is None or j1 is None or t1 <= t0:
+        return 0
+    rate = (j1 - j0) / (t1 - t0)
+    best = min(_HZ_VALUES, key=lambda hz: abs(hz - rate))
+    return best if abs(best - rate) <= 0.05 * best else 0
+
+
 def cgroup2_mount() -> Path | None:
     """The first cgroup v2 mount point (/sys/fs/cgroup on unified hosts,
     /sys/fs/cgroup/unified on hybrid ones), from /proc/self/mountinfo."""

@@ -409,3 +409,29 @@ def test_a_flow_never_follows_its_backend_id_to_the_next_owner() -> None:
         assert d2.maps._be_ids.gen == newest > max(d.maps.backend_ids().values())
     finally:
         cleanup(d.cfg.pin_dir)
+
+
+@pytest.mark.parametrize("clock_hz", [None, 0], ids=["jiffies", "ns-clock"])
+def test_established_flows_under_either_flow_clock(clock_hz: int | None) -> None:
+    """The flow clock is jiffies when the kernel's tick rate is known (here it is:
+    the config says so, and measuring agrees), else the nanosecond clock. Under
+    both, a flow keeps its backend and a SYN after its FIN is a new flow."""
+    from controller import kernel
+
+    assert kernel.clock_hz() == kernel._measured_hz() != 0
+    d = new_datapath(clock_hz=clock_hz)
+    d.load()
+    try:
+        d.sync(State([entry("10.96.0.90", 80, Protocol.TCP,
+                            [("10.244.0.91", 8080), ("10.244.0.92", 8080)])]), None)
+        first = parse(ingress(d, frame(CLIENT, "10.96.0.90", 40400, 80, TCP))[1]).dst
+        before = d.stats()
+        for flags in (0x10, 0x18, 0x11):  # ACK, PSH|ACK, FIN|ACK
+            assert parse(ingress(d, frame(CLIENT, "10.96.0.90", 40400, 80, TCP,
+                                          flags=flags))[1]).dst == first
+        assert d.stats()["ct_hit"] == before["ct_hit"] + 3
+        # the port reused after FIN: a new flow, balanced again
+        ingress(d, frame(CLIENT, "10.96.0.90", 40400, 80, TCP, flags=0x02))
+        assert d.stats()["new_flow"] == before["new_flow"] + 1
+    finally:
+        cleanup(d.cfg.pin_dir)

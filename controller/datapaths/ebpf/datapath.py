@@ -71,6 +71,9 @@ class EbpfConfig:
     masquerade_address: str = ""
     """The node addresses to masquerade with, one per family, comma-separated; a family
     without one uses its primary address."""
+    clock_hz: int | None = None
+    """The kernel's tick rate for the flow clock (kpr_consts.h, KPR_HZ): None finds
+    it (kernel.clock_hz); 0 uses the nanosecond clock."""
     lb_algorithm: str = "random"
     """random or maglev, for Services without the annotation."""
     cgroup: Path | None = None
@@ -146,7 +149,9 @@ class EbpfDatapath:
         if self.bpf is not None:
             return
         try:
-            self.bpf = loader.load(self.cfg.pin_dir, self.cfg.sizes, programs=sock.PROGRAMS)
+            hz = kernel.clock_hz() if self.cfg.clock_hz is None else self.cfg.clock_hz
+            self.bpf = loader.load(self.cfg.pin_dir, self.cfg.sizes, programs=sock.PROGRAMS,
+                                   hz=hz)
         except loader.CompileError as e:
             raise DatapathError(str(e)) from e
         self.prog_fds = dict(self.bpf.prog_fds)

@@ -240,10 +240,12 @@ class CompileError(RuntimeError):
 
 
 def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
-         programs: tuple[tuple[str, int], ...] = ()) -> Loaded:
+         programs: tuple[tuple[str, int], ...] = (), hz: int = 0) -> Loaded:
     """Compile and load in a child process, then open what it pinned.
 
-    ``programs``: the socket programs, (name, attach type) as in sock.PROGRAMS."""
+    ``programs``: the socket programs, (name, attach type) as in sock.PROGRAMS.
+    ``hz``: the kernel's tick rate, for the jiffies clock (0: the nanosecond one;
+    see KPR_HZ in kpr_consts.h)."""
     import json
     import secrets
     import subprocess
@@ -263,7 +265,8 @@ def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
             p = subprocess.run(
                 [sys.executable, "-m", "controller.datapaths.ebpf.build", "--pin-dir",
                  str(pin_dir), "--stage", str(stage), "--sizes",
-                 json.dumps(dataclasses.asdict(sizes)), "--programs", json.dumps(programs)],
+                 json.dumps(dataclasses.asdict(sizes)), "--programs", json.dumps(programs),
+                 "--hz", str(hz)],
                 capture_output=True, text=True, env=env, timeout=600)
         for line in p.stderr.splitlines():
             if line.strip():
@@ -288,7 +291,8 @@ def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
         stage.rmdir()
 
 
-def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -> Any:
+def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
+                    hz: int = 0) -> Any:
     """Compile the programs and create/open the pinned maps. Returns a bcc.BPF.
     (The build child's step; see load().)"""
     kernel.ensure_bcc_headers()
@@ -297,6 +301,7 @@ def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -> 
     _unpin_mismatched(pin_dir, sizes)
     from bcc import BPF  # imported late: importing bcc is slow and needs root
 
-    cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), "-Wno-unused-function"]
+    cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), f"-DKPR_HZ={hz}",
+              "-Wno-unused-function"]
     with _compile_lock:  # bcc/LLVM state is process-global
         return BPF(text=flatten(ENTRY, bpf_dir), cflags=cflags)

@@ -361,7 +361,9 @@ def summarize(r: Run) -> dict[str, Any]:
                 s["bpf_ns_per_run"] = _med([x["bpf"]["mean_ns_per_run"] for x in rs])
                 s["bpf_progs"] = rs[-1]["bpf"]["ns_per_run"]
                 for k in ("new_flow_ns", "established_ns", "reply_ns",
-                          "established_single_run_ns"):
+                          "established_single_run_ns", "test_run_loop_ns",
+                          "established_own_ns", "reply_own_ns", "established_median_ns",
+                          "reply_median_ns", "test_run_loop_median_ns"):
                     s[f"bpf_{k}"] = _med([x["bpf"]["test_run"][k] for x in rs
                                           if k in x["bpf"].get("test_run", {})])
                 s["build_peak_rss_mb"] = _med([x["build_peak_rss_mb"] for x in rs

@@ -159,11 +159,20 @@ def loop_pair(n: int) -> list[dict[str, Any]]:
 
 
 def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, pair: tuple[str, str],
-                      repeat: int = 100000, batches: int = 5) -> dict[str, float]:
+                      repeat: int = 20000, batches: int = 15) -> dict[str, float]:
     """ns per run of the loaded programs on crafted packets (BPF_PROG_TEST_RUN):
     a new flow to ``vip``, and an established flow's packet and its reply through
     the loop ``pair`` (see loop_pair). The kernel's counters must show that every
-    repeated run took the path it is reported as, or this raises."""
+    repeated run took the path it is reported as, or this raises.
+
+    Repeated runs come in ``batches`` short batches, interleaved with an empty
+    program's (the test run's own loop: bh disable/enable and the dispatch, per
+    run). A program's own cost is its batch less the loop's, which is what
+    bpf_stats' run_time_ns measures on live traffic. Each figure is the fastest
+    batch, as timeit takes the fastest repeat: on this shared host a slower batch
+    is another tenant's time (batches of the same loop vary by a third between
+    runs), not the program's. The batches' medians are kept too (``*_median_ns``)."""
+    from controller import kernel
     from controller.kernel import prog_test_run
     from controller.packets import frame
 
@@ -176,13 +185,22 @@ def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, pair: tuple[str, str],
     # the two flows of the pair, client:40000 -> P:80 and -> Q:8080
     prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x02))
     prog_test_run(ingress, frame(client_ip, q, 40000, 8080, flags=0x02))
-    before = dp.stats()
-    est = [prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x10),
-                         repeat=repeat).duration_ns for _ in range(batches)]
+    est_pkt = frame(client_ip, p, 40000, 80, flags=0x10)
     # replies: Q:8080 -> client is P's flow's reply (restored to P:80), and the
     # other way round
-    rev = [prog_test_run(egress, frame(p, client_ip, 80, 40000, flags=0x12),
-                         repeat=repeat).duration_ns for _ in range(batches)]
+    rev_pkt = frame(p, client_ip, 80, 40000, flags=0x12)
+    loop: list[int] = []
+    est: list[int] = []
+    rev: list[int] = []
+    before = dp.stats()
+    empty = kernel.load_empty_tc_prog()
+    try:
+        for _ in range(batches):
+            loop.append(prog_test_run(empty, est_pkt, repeat=repeat).duration_ns)
+            est.append(prog_test_run(ingress, est_pkt, repeat=repeat).duration_ns)
+            rev.append(prog_test_run(egress, rev_pkt, repeat=repeat).duration_ns)
+    finally:
+        os.close(empty)
     after = dp.stats()
     runs = repeat * batches
     got = {k: after.get(k, 0) - before.get(k, 0) for k in ("ct_hit", "dnat", "revnat")}
@@ -193,10 +211,14 @@ def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, pair: tuple[str, str],
     # finds the flow). One run per call carries a fixed cost a repeated run spreads
     # (cold caches, the timer): the same established packet timed the same way
     # shows it, so new flow minus this is the new flow's own work.
-    est1 = [prog_test_run(ingress, frame(client_ip, p, 40000, 80, flags=0x10)).duration_ns
-            for _ in range(2000)]
-    return {"new_flow_ns": statistics.median(new), "established_ns": statistics.median(est),
-            "reply_ns": statistics.median(rev),
+    est1 = [prog_test_run(ingress, est_pkt).duration_ns for _ in range(2000)]
+    return {"new_flow_ns": statistics.median(new), "established_ns": float(min(est)),
+            "reply_ns": float(min(rev)), "test_run_loop_ns": float(min(loop)),
+            "established_own_ns": float(min(est) - min(loop)),
+            "reply_own_ns": float(min(rev) - min(loop)),
+            "established_median_ns": statistics.median(est),
+            "reply_median_ns": statistics.median(rev),
+            "test_run_loop_median_ns": statistics.median(loop),
             "established_single_run_ns": statistics.median(est1)}
 
 

@@ -19,11 +19,14 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 
 
 def _bpf(s: dict[str, Any]) -> str:
-    """new flow / established / live-traffic mean, ns per run."""
+    """new flow / established (the program's own cost when measured) /
+    live-traffic mean, ns per run."""
     if s.get("bpf_ns_per_run") is None:
         return ""
+    est = "bpf_established_own_ns" if s.get("bpf_established_own_ns") else \
+        "bpf_established_ns"
     return " / ".join(_f(s.get(k), "{:.0f}") for k in (
-        "bpf_new_flow_ns", "bpf_established_ns", "bpf_ns_per_run"))
+        "bpf_new_flow_ns", est, "bpf_ns_per_run"))
 
 
 def rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -51,7 +54,7 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
 
 HEADER = ["Services", "datapath", "full sync s", "1 change p50 ms", "1 change p99 ms",
           "change→traffic ms", "peak RSS MB", "conn p50 µs", "conn p99 µs", "conn/s",
-          "p50 ×floor", "p50 ×iptables", "BPF ns: new / est. / live"]
+          "p50 ×floor", "p50 ×iptables", "BPF ns: new / est. own / live"]
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -153,15 +156,27 @@ def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                     "controller holds any Service, and exits)" if build else ""),
                 e_hi["peak_rss_mb"] <= 250))
     if e_hi.get("bpf_established_ns") is not None:
+        own = e_hi.get("bpf_established_own_ns")
+        est = e_hi["bpf_established_ns"]
+        if own is None:  # results from before the loop was measured
+            judged, how = est, ""
+            detail = f"established {est:.0f} ns, reply {e_hi['bpf_reply_ns']:.0f} ns"
+        else:
+            judged = own
+            how = (": its test run less the test run's own loop, an empty program timed "
+                   "the same way, each the fastest of 15 batches")
+            detail = (f"established {own:.0f} ns (test run {est:.0f} ns, loop "
+                      f"{e_hi['bpf_test_run_loop_ns']:.0f} ns; batches' median "
+                      f"{e_hi.get('bpf_established_median_ns', est):.0f} ns), reply "
+                      f"{e_hi['bpf_reply_own_ns']:.0f} ns")
+        single = e_hi.get("bpf_established_single_run_ns")
         out.append((f"BPF program ≤ 150 ns per packet at {int(hi):,} (judged on an "
-                    "established flow's packet, BPF_PROG_TEST_RUN)",
-                    f"established {e_hi['bpf_established_ns']:.0f} ns, reply "
-                    f"{e_hi['bpf_reply_ns']:.0f} ns, new flow {e_hi['bpf_new_flow_ns']:.0f} ns"
-                    + (f" timed one run per call, where an established packet timed the same "
-                       f"way takes {e_hi['bpf_established_single_run_ns']:.0f} ns"
-                       if e_hi.get("bpf_established_single_run_ns") else "")
+                    f"established flow's packet, BPF_PROG_TEST_RUN{how})",
+                    detail + f"; new flow {e_hi['bpf_new_flow_ns']:.0f} ns timed one run "
+                    "per call" + (f", where an established packet timed the same way takes "
+                                  f"{single:.0f} ns" if single else "")
                     + f"; live traffic with bpf_stats {e_hi['bpf_ns_per_run']:.0f} ns",
-                    e_hi["bpf_established_ns"] <= 150))
+                    judged <= 150))
     return out
 
 

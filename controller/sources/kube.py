@@ -16,9 +16,13 @@ configuration loading, auth, TLS and request building):
   keeps forwarding with what it has.
 * **Resync**: every ``resync_period`` the reflector relists. client-go's informer
   resync replays its own cache and can never catch a missed event; a relist can.
-* Responses are read as raw JSON (``_preload_content=False``) and validated by
-  objects.py: the client's model deserialization costs about 100 µs per object,
-  which at 50,000 Services and their slices would dominate a cold start.
+* Responses are read as raw JSON and validated by objects.py: the client's model
+  deserialization costs about 100 µs per object, which at 50,000 Services and
+  their slices would dominate a cold start.
+* Requests go through the client's ``ApiClient`` (``param_serialize`` and
+  ``call_api``: configuration, auth, TLS, query encoding) but not its generated
+  per-group classes: importing ``CoreV1Api`` alone cost 21 MB of resident memory
+  (kubernetes client 37), for three list paths and one POST.
 
 Ready means every reflector has finished its first list (kube-proxy waits for its
 informers' caches to sync before the first sync).
@@ -243,6 +247,43 @@ class Reflector:
                 pass
 
 
+_QUERY = {"limit": "limit", "_continue": "continue", "field_selector": "fieldSelector",
+          "watch": "watch", "allow_watch_bookmarks": "allowWatchBookmarks",
+          "resource_version": "resourceVersion", "timeout_seconds": "timeoutSeconds"}
+"""The list/watch options Reflector passes, by the generated methods' names, and
+their query parameters (the API's names)."""
+
+
+def _request(api_client: Any, method: str, path: str, timeout: tuple[float, float],
+             query: list[tuple[str, Any]] | None = None, body: Any = None) -> Any:
+    """One request through the client; the raw urllib3 response (as the generated
+    methods return it with ``_preload_content=False``). A non-2xx answer raises
+    ApiException, as they do."""
+    from kubernetes.client.exceptions import ApiException
+
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    req = api_client.param_serialize(method=method, resource_path=path, query_params=query,
+                                     header_params=headers, body=body,
+                                     auth_settings=["BearerToken"])
+    resp = api_client.call_api(*req, _request_timeout=timeout)
+    if not 200 <= resp.status <= 299:
+        resp.read()
+        raise ApiException.from_response(http_resp=resp, body=None, data=None)
+    return resp.response
+
+
+def lister(api_client: Any, path: str) -> Callable[..., Any]:
+    """A list/watch call for a collection path (e.g. /api/v1/services), taking the
+    options of the generated list methods (limit, _continue, watch, ...)."""
+    def call(_request_timeout: tuple[float, float], _preload_content: bool = False,
+             **kw: Any) -> Any:
+        query = [(_QUERY[k], v) for k, v in kw.items() if v is not None]
+        return _request(api_client, "GET", path, _request_timeout, query)
+    return call
+
+
 def _call(fn: Callable[..., Any], kw: dict[str, Any], timeout: tuple[float, float]) -> Any:
     from kubernetes.client.exceptions import ApiException
 
@@ -282,30 +323,27 @@ class KubeSource:
                  on_node: Callable[[Node | None], None] = lambda n: None,
                  observer: SourceObserver | None = None, resync_period: float = 900.0,
                  page_size: int = PAGE_SIZE, watch_timeout: int = 300) -> None:
-        from kubernetes import client
-
         self.tracker = tracker
         self.node_name = node_name
         self.on_change = on_change
         self.on_node = on_node
         self.observer: SourceObserver = observer or _NoObserver()
         self.node: Node | None = None
-        core = client.CoreV1Api(api_client)
-        disc = client.DiscoveryV1Api(api_client)
-        self._core = core
+        self._api = api_client
         kw: dict[str, Any] = dict(page_size=page_size, watch_timeout=watch_timeout,
                                   resync_period=resync_period)
         self.reflectors = [
-            Reflector("services", core.list_service_for_all_namespaces,
+            Reflector("services", lister(api_client, "/api/v1/services"),
                       self._services_listed, self._service_event, self.observer,
                       digest=self._digest("Service", parse_service), **kw),
-            Reflector("endpointslices", disc.list_endpoint_slice_for_all_namespaces,
+            Reflector("endpointslices",
+                      lister(api_client, "/apis/discovery.k8s.io/v1/endpointslices"),
                       self._slices_listed, self._slice_event, self.observer,
                       digest=self._digest("EndpointSlice", parse_slice), **kw),
         ]
         if node_name:
             self.reflectors.append(Reflector(
-                "nodes", core.list_node, self._nodes_listed, self._node_event, self.observer,
+                "nodes", lister(api_client, "/api/v1/nodes"), self._nodes_listed, self._node_event, self.observer,
                 field_selector=f"metadata.name={node_name}",
                 digest=self._digest("Node", parse_node), **kw))
         self._threads: list[threading.Thread] = []
@@ -425,18 +463,18 @@ class KubeSource:
         """Record a Node event, as kube-proxy does at start ("Starting kpr")."""
         if not self.node_name:
             return
-        from kubernetes import client
-
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        ref = client.V1ObjectReference(kind="Node", name=self.node_name, uid=self.node_name)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{self.node_name}.",
-                                         namespace="default"),
-            involved_object=ref, reason=reason, message=message, type=event_type,
-            source=client.V1EventSource(component="kpr", host=self.node_name),
-            first_timestamp=now, last_timestamp=now, count=1)
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{self.node_name}.", "namespace": "default"},
+                "involvedObject": {"kind": "Node", "name": self.node_name,
+                                   "uid": self.node_name},
+                "reason": reason, "message": message, "type": event_type,
+                "source": {"component": "kpr", "host": self.node_name},
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1}
         try:
-            self._core.create_namespaced_event("default", body, _request_timeout=(5, 5))
+            # read to the end, so that the connection goes back to the pool
+            _request(self._api, "POST", "/api/v1/namespaces/default/events", (5, 5),
+                     body=body).read()
         except Exception as e:  # noqa: BLE001 - events are best effort
             log.warning("could not post the %s event: %s", reason, e)
             self.observer.source_error("events", _reason(e))

@@ -195,6 +195,26 @@ def test_map_full_is_an_error_and_forces_a_full_sync(
         cleanup(dp.cfg.pin_dir)
 
 
+def test_a_full_backends_array_is_an_error_and_forwarding_holds(
+        datapath_factory: Callable[..., EbpfDatapath]) -> None:
+    """Backend ids run out before the kernel is asked (the array has no room to
+    report it): the sync fails naming the map, and what was programmed holds."""
+    dp = EbpfDatapath(EbpfConfig(instance="tinybe" + datapath_factory(start=False).cfg.instance,
+                                 pin_root=TEST_PIN_ROOT,
+                                 sizes=MapSizes(services=16, slots=64, backends=2)))
+    try:
+        dp.load()
+        ok = make_state({0: [1, 2]})
+        dp.sync(ok, None)
+        with pytest.raises(DatapathError, match="backends.*map full"):
+            dp.sync(make_state({0: [1, 2], 1: [3]}), None)
+        assert dp.dump() == dp.canonical(ok.values())
+        dp.sync(ok, None)  # the full sync after a failure: nothing lost, nothing to do
+        assert dp.dump() == dp.canonical(ok.values())
+    finally:
+        cleanup(dp.cfg.pin_dir)
+
+
 def test_a_compile_error_names_file_and_line_and_leaves_no_staging(tmp_path: Path) -> None:
     """The build child's compiler output reaches the caller; nothing of the failed
     load stays in the pin directory."""

@@ -593,9 +593,6 @@ class _BackendIds:
     def give(self, ids: Iterable[int]) -> None:
         self.free.extend(ids)
 
-    def in_use(self) -> int:
-        return self.next - 1 - (len(self.free) - self.head)
-
 
 @dataclass(slots=True)
 class Plan:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath, cleanup
+from controller.datapaths.ebpf.datapath import EbpfConfig, EbpfDatapath
 from controller.testbed import Testbed, sh
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -81,9 +81,9 @@ def netns() -> Iterator[str]:
 
 def new_datapath(interfaces: list[str] | None = None, netns: str | None = None,
                  **kw: Any) -> EbpfDatapath:
-    return EbpfDatapath(EbpfConfig(interfaces=interfaces or [],
-                                   instance=f"t{secrets.token_hex(4)}",
-                                   pin_root=TEST_PIN_ROOT, netns=netns, **kw))
+    kw.setdefault("instance", f"t{secrets.token_hex(4)}")
+    return EbpfDatapath(EbpfConfig(interfaces=interfaces or [], pin_root=TEST_PIN_ROOT,
+                                   netns=netns, **kw))
 
 
 @pytest.fixture
@@ -101,8 +101,7 @@ def datapath_factory() -> Iterator[object]:
 
     yield make
     for dp in made:
-        dp.close()
-        cleanup(dp.cfg.pin_dir, dp.cfg.netns)
+        dp.cleanup()  # also closes its map and program fds: pins gone, maps freed
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from controller.datapaths.ebpf.datapath import EbpfDatapath, cleanup
+from controller.datapaths.ebpf.datapath import EbpfDatapath
 from controller.kernel import prog_test_run
 from controller.model import Backend, Frontend, Protocol, ServiceEntry, ServiceFlag, State
 from tests.conftest import new_datapath
@@ -62,7 +62,7 @@ def dp() -> Iterator[EbpfDatapath]:
     d.load()
     d.sync(STATE, None)
     yield d
-    cleanup(d.cfg.pin_dir)
+    d.cleanup()
 
 
 def ingress(dp: EbpfDatapath, pkt: bytes) -> tuple[int, bytes]:
@@ -365,7 +365,7 @@ def test_masqueraded_flow_round_trip_and_a_new_masquerade_address(family: int) -
             assert {k: after[k] - before[k] for k in ("dnat", "snat", "unsnat", "revnat")} \
                 == {"dnat": 1, "snat": 1, "unsnat": 1, "revnat": 1}
     finally:
-        cleanup(d.cfg.pin_dir)
+        d.cleanup()
 
 
 def test_a_flow_never_follows_its_backend_id_to_the_next_owner() -> None:
@@ -404,11 +404,14 @@ def test_a_flow_never_follows_its_backend_id_to_the_next_owner() -> None:
         d.sync(State([s1b]), None)
         newest = d.maps._be_ids.gen
         d2 = EbpfDatapath(d.cfg)
-        d2.load()
-        assert d2.sync(State([s1b]), None).ops == 0  # adopts: nothing to change
-        assert d2.maps._be_ids.gen == newest > max(d.maps.backend_ids().values())
+        try:
+            d2.load()
+            assert d2.sync(State([s1b]), None).ops == 0  # adopts: nothing to change
+            assert d2.maps._be_ids.gen == newest > max(d.maps.backend_ids().values())
+        finally:
+            d2.cleanup()
     finally:
-        cleanup(d.cfg.pin_dir)
+        d.cleanup()
 
 
 @pytest.mark.parametrize("clock_hz", [None, 0], ids=["jiffies", "ns-clock"])
@@ -434,4 +437,4 @@ def test_established_flows_under_either_flow_clock(clock_hz: int | None) -> None
         ingress(d, frame(CLIENT, "10.96.0.90", 40400, 80, TCP, flags=0x02))
         assert d.stats()["new_flow"] == before["new_flow"] + 1
     finally:
-        cleanup(d.cfg.pin_dir)
+        d.cleanup()

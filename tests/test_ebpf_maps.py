@@ -45,7 +45,7 @@ def shared_dp() -> EbpfDatapath:
     d = new_datapath()
     d.load()
     yield d
-    cleanup(d.cfg.pin_dir)
+    d.cleanup()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -112,7 +112,7 @@ def test_restart_adopts_pinned_state_reuses_ids_and_prunes_orphans(
     ids1 = {f: s.svc_id for f, s in dp1.maps._svc.items()}
     be_ids1 = dp1.maps.backend_ids()
     # A new process on the same pins (same instance): it reads the maps back.
-    dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
+    dp2 = datapath_factory(start=False, instance=dp1.cfg.instance)
     dp2.load()
     assert dp2.dump() == dp2.canonical(s1.values())
     s2 = make_state({0: [1, 2], 1: [3]})  # service 2 went away while we were down
@@ -141,7 +141,7 @@ def test_a_new_service_never_takes_the_id_of_an_orphan_being_pruned(
     bid = next(iter(dp1.maps.backend_ids().values()))
     dp1.maps.slots.update([(_PAIR.pack(orphan, 0), _U32.pack(bid))])
     dp1.maps.members.update([(_PAIR.pack(orphan, bid), b"\x01")])
-    dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
+    dp2 = datapath_factory(start=False, instance=dp1.cfg.instance)
     dp2.load()
     want = make_state({0: [1], 1: [1, 2]})
     dp2.sync(want, None)
@@ -162,7 +162,7 @@ def test_a_chunked_full_sync_keeps_moving_backends_and_repairs_drift(
                                                Protocol.TCP)]
     lost = next(s for (f, _), s in dp1.maps._svc.items() if f.port == 82)  # service 2
     dp1.maps.members.delete([_PAIR.pack(lost.svc_id, dp1.maps._id(lost.backends[0]))])
-    dp2 = EbpfDatapath(EbpfConfig(instance=dp1.cfg.instance, pin_root=TEST_PIN_ROOT))
+    dp2 = datapath_factory(start=False, instance=dp1.cfg.instance)
     dp2.load()
     # backend 2 leaves service 0 (TCP, first in the State) for service 4 (TCP, last)
     want = make_state({0: [1], 1: [3], 2: [4], 4: [2, 5]})
@@ -192,7 +192,7 @@ def test_map_full_is_an_error_and_forces_a_full_sync(
         dp.sync(ok, None)
         assert dp.dump() == dp.canonical(ok.values())
     finally:
-        cleanup(dp.cfg.pin_dir)
+        dp.cleanup()
 
 
 def test_a_full_backends_array_is_an_error_and_forwarding_holds(
@@ -212,7 +212,7 @@ def test_a_full_backends_array_is_an_error_and_forwarding_holds(
         dp.sync(ok, None)  # the full sync after a failure: nothing lost, nothing to do
         assert dp.dump() == dp.canonical(ok.values())
     finally:
-        cleanup(dp.cfg.pin_dir)
+        dp.cleanup()
 
 
 def test_a_compile_error_names_file_and_line_and_leaves_no_staging(tmp_path: Path) -> None:

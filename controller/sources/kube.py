@@ -127,7 +127,7 @@ class Reflector:
         self._last_list = 0.0
 
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"_preload_content": False}
+        kw: dict[str, Any] = {}
         if self.field_selector:
             kw["field_selector"] = self.field_selector
         return kw
@@ -277,8 +277,7 @@ def _request(api_client: Any, method: str, path: str, timeout: tuple[float, floa
 def lister(api_client: Any, path: str) -> Callable[..., Any]:
     """A list/watch call for a collection path (e.g. /api/v1/services), taking the
     options of the generated list methods (limit, _continue, watch, ...)."""
-    def call(_request_timeout: tuple[float, float], _preload_content: bool = False,
-             **kw: Any) -> Any:
+    def call(_request_timeout: tuple[float, float], **kw: Any) -> Any:
         query = [(_QUERY[k], v) for k, v in kw.items() if v is not None]
         return _request(api_client, "GET", path, _request_timeout, query)
     return call

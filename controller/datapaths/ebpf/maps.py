@@ -647,7 +647,6 @@ class ServiceMaps:
         self._slot_total = 0  # sum of len(backends): fill() in O(1) per scrape
         self._external = 0  # keys of SCOPE_EXTERNAL: programmed() in O(1) per sync
         self._adopted_tables: dict[int, bytes] = {}  # read back, not yet compared
-        self._read_gen = 0  # the highest generation the backends array held when read
 
     # ----- reading the kernel ---------------------------------------------------------
 
@@ -655,7 +654,7 @@ class ServiceMaps:
                              set[IPAddress], dict[int, dict[int, int]],
                              dict[int, bytes], dict[int, str],
                              dict[int, list[IPNetwork]], set[tuple[int, int]],
-                             dict[int, bytes]]:
+                             dict[int, bytes], int]:
         # Bulk reads (one batch syscall per 4,096 elements, parsed with array('I')):
         # walking keys one get-next-key syscall each made a restart's full sync at
         # 50,000 Services spend 2.8 s here.
@@ -673,7 +672,7 @@ class ServiceMaps:
         pairs = array("I", kb)
         for sid, slot, bid in zip(pairs[0::2], pairs[1::2], array("I", vb)):
             slots.setdefault(sid, {})[slot] = bid
-        backends, self._read_gen = self._read_backends()
+        backends, gen = self._read_backends()
         kb, vb = self.names.items_packed()
         ns = self.names.value_size
         names = dict(zip(array("I", kb), (
@@ -686,7 +685,7 @@ class ServiceMaps:
         pairs = array("I", self.members.items_packed()[0])
         members = set(zip(pairs[0::2], pairs[1::2]))
         tables = {_U32.unpack(k)[0]: v for k, v in self.maglev.items()}
-        return svcs, vips, slots, backends, names, ranges, members, tables
+        return svcs, vips, slots, backends, names, ranges, members, tables, gen
 
     def _read_backends(self) -> tuple[dict[int, bytes], int]:
         """The live backends (id -> packed value without its generation) and the
@@ -708,7 +707,7 @@ class ServiceMaps:
         """Rebuild the shadow from the kernel; returns a plan that prunes orphans and
         restores what programmed services miss (apply it before any change). Maglev
         tables are kept for comparison: the plan rewrites only those that differ."""
-        raw, vips, slots, backends, names, ranges, members, tables = self._read()
+        raw, vips, slots, backends, names, ranges, members, tables, gen = self._read()
         plan = Plan()
         self._be = {}
         bkeys = {bid: int.from_bytes(v, "big") for bid, v in backends.items()}
@@ -737,7 +736,7 @@ class ServiceMaps:
                                             (sid for sid, _ in members)), default=0))
         top = max(backends, default=0)
         self._be_ids.reset(top, (i for i in range(1, top + 1) if i not in backends),
-                           self._read_gen)
+                           gen)
         # prune what no live service uses; restore what a live one misses
         plan.slot_delete = [(sid, slot) for sid, m in slots.items() for slot in m
                             if sid not in live or slot >= len(live[sid].backends)]
@@ -767,7 +766,7 @@ class ServiceMaps:
     def dump(self) -> State:
         """The State the kernel holds now (read from the maps, not the shadow), in the
         canonical form of :func:`canonical`."""
-        raw, _vips, slots, packed, names, ranges, _m, _t = self._read()
+        raw, _vips, slots, packed, names, ranges, _m, _t, _g = self._read()
         backends = {bid: unpack_backend(v) for bid, v in packed.items()}
         recs: dict[Key, Record] = {}
         for (f, scope), (sid, count, (flags, aff, kind)) in raw.items():

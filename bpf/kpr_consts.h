@@ -140,6 +140,8 @@ enum kpr_stat {
 	KPR_STAT_DROP_SNAT_PORTS,   /* no free masquerade port found: dropped */
 	KPR_STAT_AFFINITY_HIT,      /* new flows that kept their client's backend */
 	KPR_STAT_SOCK_LB,           /* connect/sendmsg translated by the socket programs */
+	KPR_STAT_CT_RECLAIM,        /* an ended flow's reply-side entries met another flow
+				     * on its tuple: removed, the packet left untouched */
 	KPR_STAT_MAX,
 };
 

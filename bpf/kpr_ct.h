@@ -11,6 +11,16 @@
  * DNAT at ingress and SNAT at egress keep the stack's routing between them seeing
  * ordinary addresses: a reply rewritten at ingress to come from a node address
  * would be dropped as a martian (fib_validate_source, every kernel).
+ *
+ * The reply-side entries have no clock of their own: they live as long as the LRU
+ * keeps them, long after their flow ended. A later flow that is not a Service's
+ * can have the same tuple on the backend's side: a client that once reached a pod
+ * through a Service from port X, then connects to the pod's own address from port
+ * X (the client's stack picks ports per destination, so it does this freely).
+ * Its replies would be rewritten to come from the Service (and, if the old flow
+ * was masqueraded, its packets masqueraded), and the client resets them. So the
+ * egress path checks an entry against its flow whenever the packet could belong to
+ * another one (a TCP packet opening a connection, any datagram): kpr_ct_owner.
  */
 #ifndef KPR_CT_H
 #define KPR_CT_H
@@ -123,6 +133,86 @@ found:
 	f->snat_addr = *snat_addr;
 	f->snat_port = k.dport;
 	return 0;
+}
+
+/* Does the flow that made a reply-side entry still own it? `fe` is the entry's
+ * frontend (the revnat value); the flow's conntrack entry (client -> frontend)
+ * must be live, still bound to this backend, and, for a TCP packet opening a
+ * connection, not closing: a live, open flow keeps its entries (the backend sees
+ * one tuple for both, and only one of them can have it, as with netfilter's
+ * conntrack, which drops the second at confirm). A live flow's entry is
+ * refreshed here too, at most every KPR_CT_REFRESH: a datagram flow whose backend
+ * does the talking (a stream the client asked for once) stays live on its
+ * replies, as netfilter's does on either direction. */
+static __always_inline int kpr_ct_owner(const union kpr_addr *client, __be16 cport,
+					const struct kpr_nat_addr *fe,
+					const union kpr_addr *be_addr, __be16 be_port,
+					const struct kpr_pkt *p, __u64 now)
+{
+	struct kpr_tuple k = {};
+	struct kpr_ct_value *ct;
+	struct kpr_backend *be;
+
+	k.saddr = *client;
+	k.daddr = fe->addr;
+	k.sport = cport;
+	k.dport = fe->port;
+	k.proto = p->proto;
+	ct = conntrack.lookup(&k);
+	if (!ct || now - ct->last_seen > kpr_ct_lifetime(ct, p->proto))
+		return 0;
+	if (p->proto == IPPROTO_TCP && (ct->flags & KPR_CT_F_CLOSING))
+		return 0; /* callers ask only for packets opening a connection */
+	be = kpr_backend(ct->backend_id);
+	if (!be || be->gen != ct->backend_gen || be->port != be_port ||
+	    !kpr_addr_eq(&be->addr, be_addr))
+		return 0;
+	if (now - ct->last_seen > KPR_CT_REFRESH)
+		ct->last_seen = now;
+	return 1;
+}
+
+/* Remove an ended flow's reply-side entries: revnat (backend -> client), and when
+ * it was masqueraded, snat (client -> backend) and the unsnat entry it names. */
+static __always_inline void kpr_ct_reclaim(const union kpr_addr *be_addr, __be16 be_port,
+					   const union kpr_addr *client, __be16 cport,
+					   __u8 proto)
+{
+	struct kpr_tuple k = {};
+	struct kpr_nat_addr *na;
+
+	k.saddr = *be_addr;
+	k.daddr = *client;
+	k.sport = be_port;
+	k.dport = cport;
+	k.proto = proto;
+	revnat.delete(&k);
+	k.saddr = *client;
+	k.daddr = *be_addr;
+	k.sport = cport;
+	k.dport = be_port;
+	na = snat.lookup(&k);
+	if (na) {
+		struct kpr_tuple u = {};
+
+		u.saddr = *be_addr;
+		u.daddr = na->addr;
+		u.sport = be_port;
+		u.dport = na->port;
+		u.proto = proto;
+		unsnat.delete(&u);
+		snat.delete(&k);
+	}
+	kpr_count(KPR_STAT_CT_RECLAIM);
+}
+
+/* Could this packet belong to a flow other than the one an entry was made for?
+ * Only one that opens a TCP connection (SYN, or SYN-ACK on the way back), or any
+ * datagram: an established TCP flow's packet is the entry's own, and skips the
+ * conntrack lookup the check costs. */
+static __always_inline int kpr_may_be_new(const struct kpr_pkt *p)
+{
+	return p->proto != IPPROTO_TCP || (p->tcp_flags & KPR_TCP_SYN);
 }
 
 /* Mark a flow closing on FIN/RST and refresh last_seen at most every

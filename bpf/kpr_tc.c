@@ -9,7 +9,10 @@
  *     recorded), or rejected or dropped when the service has no backend for it.
  * kpr_egress runs on packets leaving the node:
  *   - a masqueraded flow's packet gets its masquerade source;
- *   - a reply from a backend gets its source restored to the frontend.
+ *   - a reply from a backend gets its source restored to the frontend;
+ *   - either only while the flow that made the entry owns it (kpr_ct_owner): a
+ *     connection straight to a pod that reuses an ended Service flow's tuple
+ *     passes untouched, and the stale entries go.
  *
  * Both handle IPv4 and IPv6 in one path (addresses are 16 bytes everywhere, see
  * kpr_structs.h) and return TC_ACT_OK for everything that is not theirs, untouched.
@@ -138,17 +141,42 @@ int kpr_egress(struct __sk_buff *skb)
 {
 	struct kpr_pkt p = {};
 	struct kpr_tuple t;
+	struct kpr_tuple r;
 	struct kpr_nat_addr *na;
+	struct kpr_nat_addr *fe;
 
 	if (kpr_load_pkt(skb, &p, KPR_STAT_EGRESS_PKTS) < 0)
 		return TC_ACT_OK;
 
 	kpr_tuple_from_pkt(&p, &t);
 	na = snat.lookup(&t);
-	if (na)
+	if (na) {
+		/* client -> backend: its flow's frontend is in the revnat entry; without
+		 * one (evicted alone) masquerading is harmless: unsnat brings replies back */
+		if (kpr_may_be_new(&p)) {
+			r.saddr = p.daddr;
+			r.daddr = p.saddr;
+			r.sport = p.dport;
+			r.dport = p.sport;
+			r.proto = p.proto;
+			r.pad[0] = r.pad[1] = r.pad[2] = 0;
+			fe = revnat.lookup(&r);
+			if (fe && !kpr_ct_owner(&p.saddr, p.sport, fe, &p.daddr, p.dport, &p,
+						kpr_now())) {
+				kpr_ct_reclaim(&p.daddr, p.dport, &p.saddr, p.sport, p.proto);
+				return TC_ACT_OK;
+			}
+		}
 		return kpr_apply(skb, &p, 0, na, KPR_STAT_SNAT);
+	}
 	na = revnat.lookup(&t);
 	if (!na)
 		return TC_ACT_OK;
+	/* backend -> client */
+	if (kpr_may_be_new(&p) &&
+	    !kpr_ct_owner(&p.daddr, p.dport, na, &p.saddr, p.sport, &p, kpr_now())) {
+		kpr_ct_reclaim(&p.saddr, p.sport, &p.daddr, p.dport, p.proto);
+		return TC_ACT_OK;
+	}
 	return kpr_apply(skb, &p, 0, na, KPR_STAT_REVNAT);
 }

@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--datapaths", help="comma-separated (default: every one available; "
                    "ebpf, nftables, ipvs, iptables, iptables-legacy)")
     b.add_argument("--connections", type=int, help="new connections per target and round "
-                   "(default 10,000)")
+                   "(default 20,000)")
     b.add_argument("--repeats", type=int, help="interleaved rounds (default 3)")
     b.add_argument("--pin", action="store_true",
                    help="pin the client to CPU 0 and nginx to CPU 1 (default: unpinned)")

@@ -381,6 +381,39 @@ class Testbed:
         self.ext_ns = ns
         return ns
 
+    def add_twin_path(self, client: Pod) -> str:
+        """A second node with nothing installed, between ``client`` and a pod of its
+        own: client -> veth -> twin node (forwarding) -> veth -> twin pod, built as
+        the pod paths through the node are. Returns the twin pod's address
+        (10.250.0.11, routed in the client pod via its eth1); its namespace is
+        ``<prefix>-twinpod``. ``kpr bench`` measures its reference through it,
+        interleaved with each datapath's Services: a path the datapath under test
+        cannot touch, unlike a connection straight to a pod through the node, which
+        an iptables datapath slows too (its nat chains see every new connection)."""
+        node, pod = f"{self.prefix}-twin", f"{self.prefix}-twinpod"
+        ip = "10.250.0.11"
+        self._ns(node)
+        self._ns(pod)
+        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for ns, host_if, peer, addr in ((client.ns, f"{self.prefix}tc", "eth1", None),
+                                        (pod, f"{self.prefix}tp", "eth0", ip)):
+            sh("ip", "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", peer,
+               "netns", ns)
+            sh("ip", "-n", node, "addr", "add", f"{GATEWAY}/32", "dev", host_if)
+            sh("ip", "-n", node, "link", "set", host_if, "up")
+            sh("ip", "-n", node, "route", "add", f"{addr or client.ip}/32", "dev", host_if)
+            if addr:
+                sh("ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", peer)
+            sh("ip", "-n", ns, "link", "set", peer, "up")
+            sh("ip", "netns", "exec", ns, "ethtool", "-K", peer, "tx", "off")
+            sh("ip", "netns", "exec", node, "ethtool", "-K", host_if, "tx", "off")
+        sh("ip", "-n", pod, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
+        sh("ip", "-n", pod, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+        # the client keeps its one address (eth0's); only the twin pod is via eth1
+        sh("ip", "-n", client.ns, "route", "add", f"{ip}/32", "via", GATEWAY, "dev", "eth1",
+           "onlink")
+        return ip
+
     def serve(self, pod: str, port: int, **kw: Any) -> Server:
         srv = Server(self.pods[pod].ns, pod, port, **kw)
         self.servers.append(srv)

@@ -368,6 +368,87 @@ def test_masqueraded_flow_round_trip_and_a_new_masquerade_address(family: int) -
         d.cleanup()
 
 
+@pytest.mark.parametrize("masq", [False, True], ids=["direct", "masquerade"])
+@pytest.mark.parametrize("proto", [TCP, UDP], ids=["tcp", "udp"])
+def test_an_ended_flows_entries_never_rewrite_the_next_flow_on_its_tuple(
+        proto: int, masq: bool) -> None:
+    """A client that reached a backend through a Service from port P later talks to
+    the backend's own address from P. The old flow's reply-side entries (revnat, and
+    snat/unsnat when masqueraded) have the new flow's tuple. While the old flow is
+    live they stay its own (a reply, even a SYN-ACK, comes from the frontend; a
+    closing flow's FIN-ACK too). Once it has ended (TCP: a FIN was seen and a SYN
+    opens the new one; UDP: its backend left the Service), the new flow's packets
+    pass untouched and the stale entries go (ct_reclaim)."""
+    from controller.datapaths.node import NodeNet
+
+    vip, be, be2, node_ip = "10.96.0.90", "10.244.0.91", "10.244.0.92", "10.0.0.1"
+    syn, synack, ack, finack = 0x02, 0x12, 0x10, 0x11
+    d = new_datapath()
+    d.load()
+    try:
+        ip = ipaddress.ip_address
+        proto_m = Protocol.TCP if proto == TCP else Protocol.UDP
+
+        def program(backend: str) -> None:
+            d.sync(State([entry(vip, 80, proto_m, [(backend, 8080)])]), None)
+            assert d.node_maps is not None  # a sync reads the node's own: ours after it
+            d.node_maps.write(NodeNet(addresses=(ip(node_ip),), nodeport=(ip(node_ip),),
+                                      snat=(ip(node_ip),), cluster_cidrs=(),
+                                      masquerade_all=masq, netns_cookie=0))
+        program(be)
+        sport = 40400
+
+        def service_round_trip(flags_in: int, flags_out: int) -> None:
+            """client -> vip, then the backend's answer back to the client."""
+            ret, out = ingress(d, frame(CLIENT, vip, sport, 80, proto, flags=flags_in))
+            ret, out = egress(d, out)
+            p = parse(out)
+            assert ret == TC_ACT_OK and (p.dst, p.dport) == (be, 8080)
+            assert p.src == (node_ip if masq else CLIENT)
+            ret, out = ingress(d, frame(be, p.src, 8080, p.sport, proto, flags=flags_out))
+            ret, out = egress(d, out)
+            p = parse(out)
+            assert ret == TC_ACT_OK and (p.src, p.sport, p.dst, p.dport) == \
+                (vip, 80, CLIENT, sport) and p.l4_csum_ok
+
+        def direct(flags: int) -> tuple[str, int, str]:
+            """The client's packet straight to the backend, as it leaves for it
+            (source), and the backend's answer as it leaves for the client (source)."""
+            ret, out = ingress(d, frame(CLIENT, be, sport, 8080, proto, flags=flags))
+            ret, out = egress(d, out)
+            assert ret == TC_ACT_OK
+            p = parse(out)
+            assert (p.dst, p.dport) == (be, 8080)
+            ret, back = egress(d, frame(be, CLIENT, 8080, sport, proto, flags=flags | ack))
+            q = parse(back)
+            assert ret == TC_ACT_OK and (q.dst, q.dport) == (CLIENT, sport)
+            return p.src, p.sport, q.src
+
+        service_round_trip(syn, synack)
+        before = d.stats()
+        # the old flow is live: it keeps its entries (an answer from the backend
+        # comes from the frontend); in a closing TCP flow, the FIN-ACK too
+        if proto == TCP:
+            service_round_trip(finack, finack)
+        else:
+            assert direct(0)[2] == vip
+        assert d.stats()["ct_reclaim"] == before["ct_reclaim"]
+        # the old flow ends
+        if proto == UDP:
+            program(be2)
+        mid = d.stats()
+        src, src_port, answer_src = direct(syn)
+        assert (src, src_port, answer_src) == (CLIENT, sport, be)
+        after = d.stats()
+        assert after["ct_reclaim"] == before["ct_reclaim"] + 1
+        assert (after["snat"], after["revnat"]) == (mid["snat"], mid["revnat"])
+        # the entries are gone: the direct flow's later packets pass without a check
+        assert direct(ack if proto == TCP else 0) == (CLIENT, sport, be)
+        assert d.stats()["ct_reclaim"] == before["ct_reclaim"] + 1
+    finally:
+        d.cleanup()
+
+
 def test_a_flow_never_follows_its_backend_id_to_the_next_owner() -> None:
     """Backend ids are indexes of the backends array and are reused. A flow bound to
     a released backend must find it gone (another generation), not the backend that

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from controller.testbed import (
     wait_until,
     write_objects,
 )
+from controller.netns import in_netns
 from tests.conftest import TEST_PIN_ROOT
 
 pytestmark = pytest.mark.kernel
@@ -105,6 +107,46 @@ def test_removed_backend_gets_no_new_connections_open_ones_survive(
         assert conns[name].ask().split()[0] == name
     for c in conns.values():
         c.close()
+
+
+def _from_port(ns: str, ip: str, port: int, sport: int, proto: str) -> tuple[str, str]:
+    """One request from source port ``sport``: (answer, address it came from)."""
+    def go() -> tuple[str, str]:
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            # the port may be in TIME_WAIT from the last connection to another address
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(2)
+            s.bind(("0.0.0.0", sport))
+            s.connect((ip, port))
+            s.sendall(b"hello\n")
+            answer = s.recv(4096).decode().strip()
+            return answer, s.getpeername()[0]
+    return in_netns(ns, go)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_pod_reached_through_a_service_then_directly_from_the_same_port(
+        node: tuple[Testbed, EbpfDatapath], proto: str) -> None:
+    """A client reaches pod a through the Service from port P, then pod a's own
+    address from P (its stack picks ports per destination, so it may). The first
+    flow's reply-side entry has the second's tuple; once that flow has ended (TCP:
+    closed; UDP: a left the Service) the direct flow's answers must come from a, not
+    be rewritten to come from the Service (the client would reset or drop them)."""
+    tb, dp = node
+    client, a = tb.pods["client"], tb.pods["a"]
+    pm = Protocol.TCP if proto == "tcp" else Protocol.UDP
+    dp.sync(state(VIP, 80, pm, [a.ip]), None)
+    sport = 41234
+    assert _from_port(client.ns, VIP, 80, sport, proto) == (f"a {client.ip}", VIP)
+    if proto == "udp":  # a datagram flow ends when its backend leaves (or it expires)
+        dp.sync(state(VIP, 80, pm, ips(tb, "b")), None)
+    before = dp.stats()["ct_reclaim"]
+    assert _from_port(client.ns, a.ip, 8080, sport, proto) == (f"a {client.ip}", a.ip)
+    assert dp.stats()["ct_reclaim"] == before + 1
+    # and the Service still answers from the same port, through its new backend
+    want = "a" if proto == "tcp" else "b"
+    assert _from_port(client.ns, VIP, 80, sport, proto) == (f"{want} {client.ip}", VIP)
 
 
 def test_unknown_vip_or_port_passes_through_untouched(node: tuple[Testbed, EbpfDatapath]) -> None:

@@ -7,8 +7,19 @@
  * reverse NAT) is inside it. A Python loop would measure the interpreter instead.
  *
  * Usage: connlat ADDRESS PORT COUNT [WARMUP]
- * Prints one JSON object: count, errors, p50/p90/p99/mean (microseconds), rate
- * (connections per second over the measured wall time).
+ *        connlat -i CHUNK COUNT WARMUP ADDRESS PORT [ADDRESS PORT ...]
+ * The first prints one JSON object: count, errors, p50/p90/p99/mean (microseconds),
+ * rate (connections per second over the measured wall time).
+ *
+ * The second measures several targets side by side: COUNT connections each, in
+ * cycles of CHUNK connections per target, each cycle starting one target later
+ * (cycle c: target c, c+1, ...), and prints a JSON array with one object per target
+ * in argument order; "rate" is then over the target's own connection time. This is
+ * how `kpr bench` compares a Service with its floor: on a shared host whose speed
+ * changes from one second to the next (here p50 moved between ~104 and ~130-150 us
+ * for minutes at a time), targets measured one after another measure the host's
+ * state as much as the datapath, while targets interleaved every few milliseconds
+ * see the same mixture of states.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -64,57 +75,126 @@ static int one(const struct sockaddr_storage *dst, socklen_t len)
 	return (n == 0 && got > 0) ? 0 : -1;
 }
 
+struct target {
+	struct sockaddr_storage dst;	/* address and port */
+	socklen_t len;			/* of dst */
+	double *lat;			/* latencies of successful connections (us) */
+	long ok;			/* entries in lat */
+	long errors;			/* failed connections */
+	double busy;			/* sum of lat (us) */
+};
+
+static int parse_target(struct target *t, const char *addr, const char *port, long count)
+{
+	struct sockaddr_in *in4 = (struct sockaddr_in *)&t->dst;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&t->dst;
+
+	memset(t, 0, sizeof(*t));
+	if (inet_pton(AF_INET, addr, &in4->sin_addr) == 1) {
+		in4->sin_family = AF_INET;
+		in4->sin_port = htons(atoi(port));
+		t->len = sizeof(*in4);
+	} else if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons(atoi(port));
+		t->len = sizeof(*in6);
+	} else {
+		fprintf(stderr, "connlat: not an address: %s\n", addr);
+		return -1;
+	}
+	t->lat = calloc(count > 0 ? count : 1, sizeof(*t->lat));
+	return t->lat ? 0 : -1;
+}
+
+static void measure(struct target *t)
+{
+	double t0 = now_us(), d;
+
+	if (one(&t->dst, t->len) == 0) {
+		d = now_us() - t0;
+		t->lat[t->ok++] = d;
+		t->busy += d;
+	} else {
+		t->errors++;
+	}
+}
+
+static void print_target(struct target *t, double wall)
+{
+	long ok = t->ok;
+
+	if (ok == 0) {
+		printf("{\"count\": 0, \"errors\": %ld}", t->errors);
+		return;
+	}
+	qsort(t->lat, ok, sizeof(*t->lat), cmp_double);
+	printf("{\"count\": %ld, \"errors\": %ld, \"p50\": %.1f, \"p90\": %.1f, "
+	       "\"p99\": %.1f, \"mean\": %.1f, \"rate\": %.1f}",
+	       ok, t->errors, t->lat[ok * 50 / 100], t->lat[ok * 90 / 100],
+	       t->lat[ok * 99 / 100], t->busy / ok, ok / (wall / 1e6));
+}
+
 int main(int argc, char **argv)
 {
-	struct sockaddr_storage dst = { 0 };
-	socklen_t len;
-	long count, warmup, i, errors = 0, ok = 0;
-	double *lat, t0, start, wall, sum = 0;
+	struct target *ts;
+	long count, warmup, chunk = 0, i, c, k, n, cycles, missing = 0;
+	double start;
 
-	if (argc < 4) {
-		fprintf(stderr, "usage: %s ADDRESS PORT COUNT [WARMUP]\n", argv[0]);
-		return 2;
-	}
-	count = atol(argv[3]);
-	warmup = argc > 4 ? atol(argv[4]) : count / 10;
-	if (inet_pton(AF_INET, argv[1], &((struct sockaddr_in *)&dst)->sin_addr) == 1) {
-		((struct sockaddr_in *)&dst)->sin_family = AF_INET;
-		((struct sockaddr_in *)&dst)->sin_port = htons(atoi(argv[2]));
-		len = sizeof(struct sockaddr_in);
-	} else if (inet_pton(AF_INET6, argv[1],
-			     &((struct sockaddr_in6 *)&dst)->sin6_addr) == 1) {
-		((struct sockaddr_in6 *)&dst)->sin6_family = AF_INET6;
-		((struct sockaddr_in6 *)&dst)->sin6_port = htons(atoi(argv[2]));
-		len = sizeof(struct sockaddr_in6);
+	if (argc >= 7 && argc % 2 == 1 && strcmp(argv[1], "-i") == 0) {
+		chunk = atol(argv[2]);
+		count = atol(argv[3]);
+		warmup = atol(argv[4]);
+		n = (argc - 5) / 2;
+		argv += 5;
+	} else if (argc == 4 || argc == 5) {
+		count = atol(argv[3]);
+		warmup = argc > 4 ? atol(argv[4]) : count / 10;
+		n = 1;
+		argv += 1;
 	} else {
-		fprintf(stderr, "connlat: not an address: %s\n", argv[1]);
+		fprintf(stderr, "usage: connlat ADDRESS PORT COUNT [WARMUP]\n"
+			"       connlat -i CHUNK COUNT WARMUP ADDRESS PORT [ADDRESS PORT ...]\n");
 		return 2;
 	}
-	lat = calloc(count, sizeof(*lat));
-	if (!lat)
+	if (count <= 0 || warmup < 0 || (chunk <= 0 && n > 1)) {
+		fprintf(stderr, "connlat: COUNT and CHUNK must be positive\n");
+		return 2;
+	}
+	ts = calloc(n, sizeof(*ts));
+	if (!ts)
 		return 1;
-	for (i = 0; i < warmup; i++)
-		one(&dst, len);
+	for (k = 0; k < n; k++)
+		if (parse_target(&ts[k], argv[2 * k], argv[2 * k + 1], count) < 0)
+			return 2;
+	for (k = 0; k < n; k++)
+		for (i = 0; i < warmup; i++)
+			one(&ts[k].dst, ts[k].len);
+	if (chunk <= 0)
+		chunk = count;
+	cycles = (count + chunk - 1) / chunk;
 	start = now_us();
-	for (i = 0; i < count; i++) {
-		t0 = now_us();
-		if (one(&dst, len) == 0) {
-			lat[ok] = now_us() - t0;
-			sum += lat[ok++];
-		} else {
-			errors++;
+	for (c = 0; c < cycles; c++) {
+		long this = c == cycles - 1 ? count - c * chunk : chunk;
+
+		for (k = 0; k < n; k++) {
+			struct target *t = &ts[(c + k) % n];
+
+			for (i = 0; i < this; i++)
+				measure(t);
 		}
 	}
-	wall = now_us() - start;
-	if (ok == 0) {
-		printf("{\"count\": 0, \"errors\": %ld}\n", errors);
-		return 1;
+	if (n == 1) {
+		print_target(&ts[0], now_us() - start);
+		printf("\n");
+		return ts[0].ok ? 0 : 1;
 	}
-	qsort(lat, ok, sizeof(*lat), cmp_double);
-	printf("{\"count\": %ld, \"errors\": %ld, \"p50\": %.1f, \"p90\": %.1f, "
-	       "\"p99\": %.1f, \"mean\": %.1f, \"rate\": %.1f}\n",
-	       ok, errors, lat[ok * 50 / 100], lat[ok * 90 / 100], lat[ok * 99 / 100],
-	       sum / ok, ok / (wall / 1e6));
-	free(lat);
-	return 0;
+	printf("[");
+	for (k = 0; k < n; k++) {
+		printf(k ? ", " : "");
+		/* interleaved: a target's rate is over its own connections' time */
+		print_target(&ts[k], ts[k].busy);
+		missing += ts[k].ok == 0;
+	}
+	printf("]\n");
+	return missing ? 1 : 0;
 }

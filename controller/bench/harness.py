@@ -7,8 +7,16 @@ measurement (controller/bench/one.py) is a process of its own, run in the node
 namespace as ``kpr run`` is, so its peak RSS is one controller's. Within a run the
 datapaths are interleaved (floor A B C, floor A B C, ... at each scale), and the
 summary takes medians over the repeats, so a slow minute of this noisy machine
-lands on every datapath alike. The floor is a connection straight to the backend
-through the same node with no datapath installed, measured in the same run.
+lands on every datapath alike.
+
+The floor is a connection straight to the backend through the same node. It is
+measured twice: once per round with no datapath installed (the "floor" row), and
+inside each measurement, interleaved with the three target Services ten
+connections at a time (one.py). Ratios to the floor use the second: this host's
+speed changes for minutes at a time (p50 ~104 or ~130-150 µs for the same path),
+so a ratio between two figures taken a minute apart measures the host as much as
+the datapath, while one between figures taken within the same milliseconds does
+not. Datapaths, and scales, compare through those ratios.
 
 CPU pinning is off by default: pinned (client on CPU 0, nginx on CPU 1) the floor's
 p50 drifted 90-126 µs over six runs of 2,000 connections, unpinned it stayed at
@@ -31,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.bench.one import TARGETS, connlat, jit_enabled
+from controller.bench.one import TARGETS, connlat, connlat_side_by_side, jit_enabled
 
 ALL_DATAPATHS = ("ebpf", "nftables", "ipvs", "iptables", "iptables-legacy")
 """What the benchmark can compare ("iptables" is its nft back end)."""
@@ -47,8 +55,10 @@ class BenchConfig:
     """Endpoints per Service (2 to 10)."""
     datapaths: tuple[str, ...] = ()
     """Datapaths to compare (empty: every one this machine has)."""
-    connections: int = 10000
-    """New connections per target Service and measurement."""
+    connections: int = 20000
+    """New connections per target and measurement. Two identical paths measured
+    side by side over 10,000 connections each differed by up to ×1.09 in p99 here,
+    over 20,000 by up to ×1.05 (p50: ×1.01 either way)."""
     repeats: int = 3
     """Interleaved rounds per scale; the summary is the median."""
     changes: int = 20
@@ -207,8 +217,11 @@ def run(cfg: BenchConfig, progress: Any = None) -> Run:
                 servers.append(Nginx(pod.ns, name, server_cpu))
             client = tb.add_pod("client")
             _steady_client(client.ns)
+            ref = tb.add_twin_path(client)
+            servers.append(Nginx(f"{tb.prefix}-twinpod", "twin", server_cpu))
             client_bin = _pinned_client(binary, client_cpu)
-            _wait_serving(client_bin, client.ns, live["be0"])
+            for ip in (live["be0"], live["be1"], ref):
+                _wait_serving(client_bin, client.ns, ip)
             done: dict[str, tuple[int, float]] = {}  # mode -> (scale, median full sync)
             for scale in cfg.scales:
                 skip = _over_budget(done, scale, cfg.budget_s)
@@ -223,13 +236,15 @@ def run(cfg: BenchConfig, progress: Any = None) -> Run:
                         if run_modes else []
                     if progress:
                         progress(f"{scale} Services: floor (round {rep + 1})")
-                    floor = connlat(client_bin, client.ns, live["be0"], 8080,
-                                    cfg.connections)
-                    out.floors.append({"services": scale, "round": rep, **floor})
+                    fl = connlat_side_by_side(client_bin, client.ns, {
+                        "reference": (ref, 8080), "floor": (live["be0"], 8080)},
+                        cfg.connections)
+                    out.floors.append({"services": scale, "round": rep, **fl["floor"],
+                                       "reference": fl["reference"]})
                     for mode in order:
                         if progress:
                             progress(f"{scale} Services: {mode} (round {rep + 1})")
-                        r = _one(tb, mode, scale, cfg, live, client, client_bin, rep)
+                        r = _one(tb, mode, scale, cfg, live, client, client_bin, ref)
                         r["round"] = rep
                         out.results.append(r)
                 for mode in run_modes:
@@ -297,7 +312,7 @@ def _wait_serving(binary: str, ns: str, ip: str) -> None:
 
 
 def _one(tb: Any, mode: str, scale: int, cfg: BenchConfig, live: dict[str, str],
-         client: Any, client_bin: str, rnd: int = 0) -> dict[str, Any]:
+         client: Any, client_bin: str, ref: str) -> dict[str, Any]:
     from controller.testbed import kpr_argv
 
     instance = f"bench-{tb.prefix}"
@@ -305,11 +320,10 @@ def _one(tb: Any, mode: str, scale: int, cfg: BenchConfig, live: dict[str, str],
     argv = ["ip", "netns", "exec", tb.node, sys.executable, "-m", "controller.bench.one",
             "--datapath", mode, "--services", str(scale), "--endpoints", str(cfg.endpoints),
             "--live", json.dumps(live), "--client-ns", client.ns, "--client-ip", client.ip,
-            "--connlat", client_bin,
+            "--connlat", client_bin, "--reference", ref,
             "--connections", str(cfg.connections), "--changes", str(cfg.changes),
             "--traffic-changes", str(cfg.traffic_changes),
-            "--interfaces", f"{tb.prefix}p*", "--instance", instance, "--bpffs-root", root,
-            "--round", str(rnd)]
+            "--interfaces", f"{tb.prefix}p*", "--instance", instance, "--bpffs-root", root]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
     # whatever happened, nothing of this datapath stays for the next one
     subprocess.run(kpr_argv(tb.node, "cleanup", "--instance", instance, "--bpffs-root",
@@ -337,6 +351,9 @@ def summarize(r: Run) -> dict[str, Any]:
         floors = [f for f in r.floors if f["services"] == n]
         row: dict[str, Any] = {"floor": {k: _med([f[k] for f in floors])
                                          for k in ("p50", "p90", "p99", "rate")}}
+        # the twin path's calibration: the floor over the reference, no datapath
+        row["floor"]["x_ref_p50"] = _med([f["p50"] / f["reference"]["p50"] for f in floors
+                                          if "reference" in f])
         for mode in dict.fromkeys(x["datapath"] for x in r.results):
             rs = [x for x in r.results if x["services"] == n and x["datapath"] == mode
                   and "error" not in x and "skipped" not in x]
@@ -354,9 +371,23 @@ def summarize(r: Run) -> dict[str, Any]:
                 "peak_rss_mb": _med([x["peak_rss_mb"] for x in rs]),
                 "kernel": rs[-1].get("kernel", {}),
             }
-            for t in TARGETS:
+            for t in ("reference", "floor", *TARGETS):
                 for k in ("p50", "p90", "p99", "rate"):
-                    s[f"{t}_{k}"] = _med([x["latency"][t][k] for x in rs])
+                    s[f"{t}_{k}"] = _med([x["latency"][t][k] for x in rs
+                                          if t in x["latency"]])
+            # each measurement's ratios to the paths measured beside it, then the
+            # median over rounds: x_floor to the floor through this node (the
+            # issue's floor), x_ref to the twin path no datapath touches (datapaths
+            # compare through it), others_x: the floor's own slowdown, what the
+            # datapath costs the node's traffic that is not a Service's
+            for k in ("p50", "p99"):
+                s[f"x_floor_{k}"] = _med([x["latency"]["tail"][k] / x["latency"]["floor"][k]
+                                          for x in rs if "floor" in x["latency"]])
+                s[f"x_ref_{k}"] = _med([x["latency"]["tail"][k] / x["latency"]["reference"][k]
+                                        for x in rs if "reference" in x["latency"]])
+            s["others_x_p50"] = _med([x["latency"]["floor"]["p50"]
+                                      / x["latency"]["reference"]["p50"]
+                                      for x in rs if "reference" in x["latency"]])
             if mode == "ebpf":
                 s["bpf_ns_per_run"] = _med([x["bpf"]["mean_ns_per_run"] for x in rs])
                 s["bpf_progs"] = rs[-1]["bpf"]["ns_per_run"]
@@ -369,12 +400,17 @@ def summarize(r: Run) -> dict[str, Any]:
                 s["build_peak_rss_mb"] = _med([x["build_peak_rss_mb"] for x in rs
                                                if x.get("build_peak_rss_mb")])
             row[mode] = s
+        ipt = row.get("iptables")
         for mode, s in row.items():
             if mode == "floor" or "error" in s:
                 continue
-            s["x_floor_p50"] = s["tail_p50"] / row["floor"]["p50"] if row["floor"]["p50"] else None
-            ipt = row.get("iptables")
-            s["x_iptables_p50"] = s["tail_p50"] / ipt["tail_p50"] \
-                if ipt and "error" not in ipt and ipt.get("tail_p50") else None
+            for k in ("p50", "p99"):
+                for x in ("x_floor", "x_ref"):  # results from before the paths beside
+                    if s[f"{x}_{k}"] is None:
+                        s[f"{x}_{k}"] = s[f"tail_{k}"] / row["floor"][k]
+            # two datapaths compare through the reference measured beside each, so
+            # the host's state at the time of either measurement cancels out
+            s["x_iptables_p50"] = s["x_ref_p50"] / ipt["x_ref_p50"] \
+                if ipt and "error" not in ipt and ipt.get("x_ref_p50") else None
         out[str(n)] = row
     return out

@@ -12,7 +12,10 @@ namespace as ``kpr run`` would be.
    the one-change time; for a live Service, the time from the watch delivering it
    to the first connection answered by the new endpoint is change-to-traffic.
 3. Data plane: the compiled client (connlat.c) opens ``connections`` new
-   connections to each target Service from the client pod.
+   connections to each target Service from the client pod, and as many straight
+   to a twin backend (the floor, with this datapath installed), and as many to a
+   third nginx through a twin node with no datapath (the reference), all five
+   interleaved ten connections at a time.
 4. eBPF only: the programs' own cost per packet, two ways. BPF_PROG_TEST_RUN
    feeds the loaded programs a packet in the kernel: a new flow's SYN to the tail
    Service (lookup, backend choice, conntrack and NAT entries created), a packet
@@ -55,7 +58,7 @@ def target_indexes(n: int) -> dict[str, int]:
 
 
 def connlat(binary: str, client_ns: str, ip: str, port: int, count: int) -> dict[str, Any]:
-    """The compiled client's result (latencies in microseconds)."""
+    """The compiled client's result for one target (latencies in microseconds)."""
     p = subprocess.run(["ip", "netns", "exec", client_ns, binary, ip, str(port), str(count),
                         str(max(50, count // 20))], capture_output=True, text=True,
                        timeout=600)
@@ -63,6 +66,30 @@ def connlat(binary: str, client_ns: str, ip: str, port: int, count: int) -> dict
         raise RuntimeError(f"connlat {ip}:{port} failed: {p.stdout.strip()} {p.stderr.strip()}")
     out: dict[str, Any] = json.loads(p.stdout)
     return out
+
+
+CHUNK = 10
+"""Connections per target before the client moves to the next (connlat -i). Two
+identical paths (the floor to two nginx pods) measured one after the other differed
+by up to ×1.31 in p50 on this host; interleaved every 100 connections by ×0.985-1.022,
+every 10 by ×0.991-1.008 in p50 and ×0.95-1.03 in p99 over 20,000 each
+(/work/scratch/inter.py, six pairs each)."""
+
+
+def connlat_side_by_side(binary: str, client_ns: str, targets: dict[str, tuple[str, int]],
+                         count: int, chunk: int = CHUNK) -> dict[str, dict[str, Any]]:
+    """``count`` connections to each target, interleaved ``chunk`` at a time by the
+    compiled client itself: name -> its result (latencies in microseconds)."""
+    names = list(targets)
+    argv = ["ip", "netns", "exec", client_ns, binary, "-i", str(chunk), str(count),
+            str(max(50, count // 20))]
+    for n in names:
+        argv += [targets[n][0], str(targets[n][1])]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"connlat {targets} failed: {p.stdout.strip()} {p.stderr.strip()}")
+    res: list[dict[str, Any]] = json.loads(p.stdout)
+    return dict(zip(names, res, strict=True))
 
 
 def _fdinfo(kind: str) -> list[dict[str, str]]:
@@ -187,8 +214,9 @@ def bpf_test_run_cost(dp: Any, client_ip: str, vip: str, pair: tuple[str, str],
     prog_test_run(ingress, frame(client_ip, q, 40000, 8080, flags=0x02))
     est_pkt = frame(client_ip, p, 40000, 80, flags=0x10)
     # replies: Q:8080 -> client is P's flow's reply (restored to P:80), and the
-    # other way round
-    rev_pkt = frame(p, client_ip, 80, 40000, flags=0x12)
+    # other way round; an ACK, as every reply after the SYN-ACK (which, as a packet
+    # that could open another flow, also checks the flow still owns the entry)
+    rev_pkt = frame(p, client_ip, 80, 40000, flags=0x10)
     loop: list[int] = []
     est: list[int] = []
     rev: list[int] = []
@@ -290,17 +318,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "list_s": r.list_s, "translate_s": r.translate_s, "full_sync_s": r.program_s,
         "full_ops": r.ops, "rss_mb_by_phase": r.rss_mb}
     try:
-        # data plane first: nothing else changes while it runs
-        # Each round measures the targets in another order (round r starts at
-        # target r): in a fixed order, tail measured slower than head in every
-        # round at 10,000 and 50,000, which could be the order rather than the table.
-        order = list(targets)
-        k = args.round % len(order)
-        order = order[k:] + order[:k]
-        lat = {t: connlat(args.connlat, args.client_ns, coldstart.vip(targets[t]), 80,
-                          args.connections) for t in order}
-        out["latency"] = {t: lat[t] for t in targets}
-        out["target_order"] = order
+        # data plane first: nothing else changes while it runs. The floor (straight
+        # to the live backend, with this datapath installed) and the three targets
+        # are measured side by side, interleaved every CHUNK connections, so each
+        # ratio to the floor is taken under one state of this shared host.
+        # The floor goes to the twin nginx (be1; the Services' is be0): the same
+        # client port to be0 directly and through a Service would be one tuple at
+        # be0, and the datapath's collision handling (netfilter's source-port
+        # remap, eBPF's reclaim of an ended flow's entries) would be in the floor.
+        # be0 and be1 measured side by side agree within ×1.01 in p50.
+        # The reference goes through a twin node this datapath does not touch
+        # (Testbed.add_twin_path): datapaths compare through it.
+        ends = {"reference": (args.reference, 8080), "floor": (live[names[1]], 8080)}
+        ends.update({t: (coldstart.vip(targets[t]), 80) for t in targets})
+        out["latency"] = connlat_side_by_side(args.connlat, args.client_ns, ends,
+                                              args.connections)
         out["kernel"] = kernel_size(mode)
         if mode == "ebpf":
             out["bpf"] = bpf_cost(args.connlat, args.client_ns,
@@ -362,13 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-ns", required=True)
     p.add_argument("--client-ip", required=True)
     p.add_argument("--connlat", required=True)
-    p.add_argument("--connections", type=int, default=10000)
+    p.add_argument("--reference", required=True, help="the twin path's nginx address")
+    p.add_argument("--connections", type=int, default=20000)
     p.add_argument("--changes", type=int, default=20)
     p.add_argument("--traffic-changes", type=int, default=5)
     p.add_argument("--interfaces", required=True)
     p.add_argument("--instance", required=True)
     p.add_argument("--bpffs-root", required=True)
-    p.add_argument("--round", type=int, default=0, help="rotates the targets' order")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     print(json.dumps(measure(args)), flush=True)

@@ -131,7 +131,7 @@ which is never an id (a slot holding 0 finds a free entry)."""
 _OLD_LAYOUT = re.compile(r"[a-z0-9_]+_v[0-9]+")
 
 
-def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
+def _unpin_mismatched(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -> None:
     # Maps of an earlier layout: the programs no longer read them (their pins would
     # hold the memory until the directory is removed).
     for path in pin_dir.iterdir():
@@ -146,6 +146,14 @@ def _unpin_mismatched(pin_dir: Path, sizes: MapSizes) -> None:
             log.warning("pinned map %s holds %d entries, config wants %d: recreating it",
                         path, info.max_entries, want)
             path.unlink()
+    # A counter added to enum kpr_stat: the array grows (the counters start again;
+    # a Prometheus rate() reads that as a counter reset). bcc would refuse the pin.
+    path = pin_dir / f"stats{LAYOUT}"
+    info = kernel.pinned_map_info(path)
+    if info is not None and info.max_entries != len(stat_names(bpf_dir)):
+        log.warning("pinned map %s holds %d counters, the programs count %d: recreating it",
+                    path, info.max_entries, len(stat_names(bpf_dir)))
+        path.unlink()
     # The Maglev table size is the value size, not the capacity.
     path = pin_dir / f"maglev{LAYOUT}"
     info = kernel.pinned_map_info(path)
@@ -298,7 +306,7 @@ def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
     kernel.ensure_bcc_headers()
     kernel.ensure_bpffs()
     pin_dir.mkdir(parents=True, exist_ok=True)
-    _unpin_mismatched(pin_dir, sizes)
+    _unpin_mismatched(pin_dir, sizes, bpf_dir)
     from bcc import BPF  # imported late: importing bcc is slow and needs root
 
     cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), f"-DKPR_HZ={hz}",

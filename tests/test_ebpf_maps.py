@@ -229,3 +229,31 @@ def test_a_compile_error_names_file_and_line_and_leaves_no_staging(tmp_path: Pat
         assert not [p for p in pin.iterdir() if p.name.startswith("staging_")]
     finally:
         cleanup(pin)
+
+
+def test_a_counter_added_to_the_programs_regrows_the_pinned_stats_array() -> None:
+    """An upgrade whose programs count one more thing (enum kpr_stat grew) finds
+    the old, shorter stats array pinned: it is recreated at the new size, so every
+    counter has its slot (the counters start again, which a Prometheus rate()
+    reads as a reset)."""
+    import os
+
+    from controller import kernel
+
+    d = new_datapath()
+    pin = d.cfg.pin_dir / f"stats{loader.LAYOUT}"
+    d.cfg.pin_dir.mkdir(parents=True)
+    n = len(loader.stat_names())
+    fd = kernel.sys_bpf(0, kernel._MapCreateAttr(map_type=6, key_size=4, value_size=8,
+                                                  max_entries=n - 1))  # PERCPU_ARRAY
+    try:
+        kernel.obj_pin(fd, pin)
+    finally:
+        os.close(fd)
+    try:
+        d.load()
+        info = kernel.pinned_map_info(pin)
+        assert info is not None and info.max_entries == n
+        assert set(d.stats()) == set(loader.stat_names())
+    finally:
+        d.cleanup()

@@ -9,14 +9,19 @@ datapaths are interleaved (floor A B C, floor A B C, ... at each scale), and the
 summary takes medians over the repeats, so a slow minute of this noisy machine
 lands on every datapath alike.
 
-The floor is a connection straight to the backend through the same node. It is
-measured twice: once per round with no datapath installed (the "floor" row), and
-inside each measurement, interleaved with the three target Services ten
-connections at a time (one.py). Ratios to the floor use the second: this host's
-speed changes for minutes at a time (p50 ~104 or ~130-150 µs for the same path),
-so a ratio between two figures taken a minute apart measures the host as much as
-the datapath, while one between figures taken within the same milliseconds does
-not. Datapaths, and scales, compare through those ratios.
+Latency is compared only within one measurement. Beside the three target
+Services, each measurement (one.py) times, interleaved ten connections at a
+time, the floor (straight to a twin nginx pod through the same node, the
+datapath installed) and the reference (to a third nginx pod through a twin node
+that no datapath touches, Testbed.add_twin_path). This host's speed changes for
+minutes at a time (p50 ~104 or ~130-150 µs for the same path), so a ratio
+between two figures taken a minute apart measures the host as much as the
+datapath, while one between figures taken within the same milliseconds does
+not. ×floor is the issue's ratio, and one datapath's scales compare through it
+(the twin pods agree within ×1.01; the twin path within ×1.035); datapaths
+compare through ×ref, since a datapath can slow its own floor (iptables' nat
+chains see every new connection). The floor is also measured once per round with no datapath
+installed, beside the reference: the twin path's calibration.
 
 CPU pinning is off by default: pinned (client on CPU 0, nginx on CPU 1) the floor's
 p50 drifted 90-126 µs over six runs of 2,000 connections, unpinned it stayed at

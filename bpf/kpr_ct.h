@@ -139,8 +139,9 @@ found:
  * frontend (the revnat value); the flow's conntrack entry (client -> frontend)
  * must be live, still bound to this backend, and, for a TCP packet opening a
  * connection, not closing: a live, open flow keeps its entries (the backend sees
- * one tuple for both, and only one of them can have it, as with netfilter's
- * conntrack, which drops the second at confirm). A live flow's entry is
+ * one tuple for both, and only one of them can have it; netfilter's NAT gives the
+ * second another source port, which this datapath does not do for flows that are
+ * not a Service's). A live flow's entry is
  * refreshed here too, at most every KPR_CT_REFRESH: a datagram flow whose backend
  * does the talking (a stream the client asked for once) stays live on its
  * replies, as netfilter's does on either direction. */

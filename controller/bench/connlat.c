@@ -138,6 +138,7 @@ int main(int argc, char **argv)
 {
 	struct target *ts;
 	long count, warmup, chunk = 0, i, c, k, n, cycles, missing = 0;
+	int interleaved = 0;
 	double start;
 
 	if (argc >= 7 && argc % 2 == 1 && strcmp(argv[1], "-i") == 0) {
@@ -146,6 +147,7 @@ int main(int argc, char **argv)
 		warmup = atol(argv[4]);
 		n = (argc - 5) / 2;
 		argv += 5;
+		interleaved = 1;
 	} else if (argc == 4 || argc == 5) {
 		count = atol(argv[3]);
 		warmup = argc > 4 ? atol(argv[4]) : count / 10;
@@ -156,7 +158,7 @@ int main(int argc, char **argv)
 			"       connlat -i CHUNK COUNT WARMUP ADDRESS PORT [ADDRESS PORT ...]\n");
 		return 2;
 	}
-	if (count <= 0 || warmup < 0 || (chunk <= 0 && n > 1)) {
+	if (count <= 0 || warmup < 0 || (interleaved && chunk <= 0)) {
 		fprintf(stderr, "connlat: COUNT and CHUNK must be positive\n");
 		return 2;
 	}
@@ -183,14 +185,15 @@ int main(int argc, char **argv)
 				measure(t);
 		}
 	}
-	if (n == 1) {
+	if (!interleaved) {
 		print_target(&ts[0], now_us() - start);
 		printf("\n");
 		return ts[0].ok ? 0 : 1;
 	}
 	printf("[");
 	for (k = 0; k < n; k++) {
-		printf(k ? ", " : "");
+		if (k)
+			fputs(", ", stdout);
 		/* interleaved: a target's rate is over its own connections' time */
 		print_target(&ts[k], ts[k].busy);
 		missing += ts[k].ok == 0;

@@ -72,8 +72,8 @@ CHUNK = 10
 """Connections per target before the client moves to the next (connlat -i). Two
 identical paths (the floor to two nginx pods) measured one after the other differed
 by up to ×1.31 in p50 on this host; interleaved every 100 connections by ×0.985-1.022,
-every 10 by ×0.991-1.008 in p50 and ×0.95-1.03 in p99 over 20,000 each
-(/work/scratch/inter.py, six pairs each)."""
+every 10 by ×0.991-1.008 in p50 and ×0.95-1.03 in p99 over 20,000 each (six pairs
+per setting, connlat -i against connlat run twice)."""
 
 
 def connlat_side_by_side(binary: str, client_ns: str, targets: dict[str, tuple[str, int]],
@@ -318,17 +318,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "list_s": r.list_s, "translate_s": r.translate_s, "full_sync_s": r.program_s,
         "full_ops": r.ops, "rss_mb_by_phase": r.rss_mb}
     try:
-        # data plane first: nothing else changes while it runs. The floor (straight
-        # to the live backend, with this datapath installed) and the three targets
-        # are measured side by side, interleaved every CHUNK connections, so each
-        # ratio to the floor is taken under one state of this shared host.
-        # The floor goes to the twin nginx (be1; the Services' is be0): the same
-        # client port to be0 directly and through a Service would be one tuple at
-        # be0, and the datapath's collision handling (netfilter's source-port
-        # remap, eBPF's reclaim of an ended flow's entries) would be in the floor.
-        # be0 and be1 measured side by side agree within ×1.01 in p50.
-        # The reference goes through a twin node this datapath does not touch
-        # (Testbed.add_twin_path): datapaths compare through it.
+        # Data plane first: nothing else changes while it runs. The three targets,
+        # the floor and the reference are measured side by side, interleaved every
+        # CHUNK connections, so each ratio is taken under one state of this shared
+        # host.
+        # - The floor goes straight to the twin nginx (be1; the Services' is be0)
+        #   through this node, datapath installed: the same client port to be0
+        #   directly and through a Service would be one tuple at be0, and the
+        #   datapath's collision handling (netfilter's source-port remap, eBPF's
+        #   reclaim of an ended flow's entries) would be in the floor. be0 and be1
+        #   measured side by side agree within ×1.01 in p50.
+        # - The reference goes through a twin node this datapath does not touch
+        #   (Testbed.add_twin_path): datapaths compare through it.
         ends = {"reference": (args.reference, 8080), "floor": (live[names[1]], 8080)}
         ends.update({t: (coldstart.vip(targets[t]), 80) for t in targets})
         out["latency"] = connlat_side_by_side(args.connlat, args.client_ns, ends,

@@ -147,7 +147,9 @@ def _unpin_mismatched(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -
                         path, info.max_entries, want)
             path.unlink()
     # A counter added to enum kpr_stat: the array grows (the counters start again;
-    # a Prometheus rate() reads that as a counter reset). bcc would refuse the pin.
+    # a Prometheus rate() reads that as a counter reset). bcc 0.26 reuses a pin of
+    # the wrong size without a word, and the new counter, past its end, would count
+    # nothing.
     path = pin_dir / f"stats{LAYOUT}"
     info = kernel.pinned_map_info(path)
     if info is not None and info.max_entries != len(stat_names(bpf_dir)):

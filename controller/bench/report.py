@@ -143,9 +143,9 @@ def ebpf_targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 f"×{x_floor(e_hi, 'p50'):.3f} (median over rounds of each round's ratio; "
                 f"medians: {e_hi['tail_p50']:.1f} µs vs {fl:.1f} µs). To the reference "
                 f"through the twin node with nothing installed: ×{e_hi['x_ref_p50']:.3f}, "
-                f"of which ×{e_hi['others_x_p50']:.3f} is the floor's own (an upper bound on "
-                "what the installed datapath costs a connection that is not to a Service: "
-                "see the README)",
+                f"of which ×{e_hi['others_x_p50']:.3f} is the floor's own (what the "
+                "installed datapath, with Service traffic beside, costs a connection that is "
+                "not to a Service; not yet explained: see the README)",
                 x_floor(e_hi, "p50") <= 1.10))
     for k, limit in (("p50", 1.05), ("p99", 1.10)):
         norm = x_floor(e_hi, k) / x_floor(e_lo, k)
@@ -234,9 +234,9 @@ def write(r: Run, out: Path, json_path: Path | None = None) -> dict[str, Any]:
         "reference, to a third nginx pod through a twin node that no datapath touches. "
         "×floor is the median over rounds of each measurement's ratio to its floor (the "
         "target's floor); ×ref the same to its reference, and datapaths compare through "
-        "it (×ref vs iptables); other traffic × is the floor over the reference, an upper "
-        "bound on what the datapath costs the node's connections that are not to a "
-        "Service (the README says why). Figures taken "
+        "it (×ref vs iptables); other traffic × is the floor over the reference: what the "
+        "datapath, with Service traffic beside, costs the node's connections that are not "
+        "to a Service (not yet explained: see the README). Figures taken "
         "minutes apart are not compared: this host's speed changes for minutes at a time, "
         "by up to ×1.3 with nothing changed. The floor row is measured once per round "
         "with no datapath installed; its ×ref is the twin path's calibration.",

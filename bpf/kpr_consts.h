@@ -63,10 +63,20 @@
 #define KPR_TICKS_PER_SEC 1000000000ULL
 #endif
 
-/* Conntrack lifetimes, in kpr_now() ticks. Values follow Cilium's defaults
- * (bpf/lib/conntrack.h): long enough for idle TCP sessions, short for datagrams and
- * for TCP after FIN/RST. */
-#define KPR_CT_LIFETIME_TCP (21600ULL * KPR_TICKS_PER_SEC)
+/* Conntrack lifetimes, in seconds; the controller passes kube-proxy's
+ * conntrack.tcpEstablishedTimeout (24 h) and conntrack.tcpCloseWaitTimeout (1 h),
+ * so an idle flow stays put as long as netfilter keeps it under kube-proxy. A
+ * flow that saw a FIN may be half closed (one side still sending): it keeps the
+ * close-wait lifetime. One ended by an RST keeps netfilter's CLOSE timeout, 10 s.
+ * Datagram flows: 60 s (Cilium's bpf/lib/conntrack.h default). */
+#ifndef KPR_CT_TCP_SECS
+#define KPR_CT_TCP_SECS 86400
+#endif
+#ifndef KPR_CT_CLOSE_WAIT_SECS
+#define KPR_CT_CLOSE_WAIT_SECS 3600
+#endif
+#define KPR_CT_LIFETIME_TCP ((__u64)KPR_CT_TCP_SECS * KPR_TICKS_PER_SEC)
+#define KPR_CT_LIFETIME_FIN ((__u64)KPR_CT_CLOSE_WAIT_SECS * KPR_TICKS_PER_SEC)
 #define KPR_CT_LIFETIME_NONTCP (60ULL * KPR_TICKS_PER_SEC)
 #define KPR_CT_LIFETIME_CLOSING (10ULL * KPR_TICKS_PER_SEC)
 /* last_seen is refreshed at most this often, to keep per-packet writes off the
@@ -81,6 +91,11 @@
 
 /* struct kpr_ct_value.flags */
 #define KPR_CT_F_CLOSING 0x1 /* a FIN or RST was seen from the client */
+#define KPR_CT_F_RST 0x2     /* ... and it was an RST: the flow has ended */
+
+/* struct kpr_backend.flags */
+#define KPR_BE_F_GONE 0x1 /* released: no new flow, no affinity, no datagram flow; the
+			   * TCP flows bound to it (id and generation) keep it */
 
 /* struct kpr_svc_key.scope */
 #define KPR_SCOPE_EXTERNAL 0 /* the entry clients use */

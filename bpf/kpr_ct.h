@@ -43,9 +43,11 @@ static __always_inline void kpr_tuple_from_pkt(const struct kpr_pkt *p, struct k
 
 static __always_inline __u64 kpr_ct_lifetime(const struct kpr_ct_value *ct, __u8 proto)
 {
-	if (ct->flags & KPR_CT_F_CLOSING)
+	if (proto != IPPROTO_TCP)
+		return KPR_CT_LIFETIME_NONTCP;
+	if (ct->flags & KPR_CT_F_RST)
 		return KPR_CT_LIFETIME_CLOSING;
-	return proto == IPPROTO_TCP ? KPR_CT_LIFETIME_TCP : KPR_CT_LIFETIME_NONTCP;
+	return ct->flags & KPR_CT_F_CLOSING ? KPR_CT_LIFETIME_FIN : KPR_CT_LIFETIME_TCP;
 }
 
 /* Is this live entry still the flow's entry? A TCP SYN after FIN/RST opens a new
@@ -164,9 +166,8 @@ static __always_inline int kpr_ct_owner(const union kpr_addr *client, __be16 cpo
 		return 0;
 	if (p->proto == IPPROTO_TCP && (ct->flags & KPR_CT_F_CLOSING))
 		return 0; /* callers ask only for packets opening a connection */
-	be = kpr_backend(ct->backend_id);
-	if (!be || be->gen != ct->backend_gen || be->port != be_port ||
-	    !kpr_addr_eq(&be->addr, be_addr))
+	be = kpr_flow_backend(ct->backend_id, ct->backend_gen, p->proto);
+	if (!be || be->port != be_port || !kpr_addr_eq(&be->addr, be_addr))
 		return 0;
 	if (now - ct->last_seen > KPR_CT_REFRESH)
 		ct->last_seen = now;
@@ -223,7 +224,8 @@ static __always_inline void kpr_ct_touch(struct kpr_ct_value *ct, const struct k
 					 const struct kpr_fwd *f, __u64 now)
 {
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
-		ct->flags |= KPR_CT_F_CLOSING;
+		ct->flags |= KPR_CT_F_CLOSING |
+			     (p->tcp_flags & KPR_TCP_RST ? KPR_CT_F_RST : 0);
 	if (now - ct->last_seen > KPR_CT_REFRESH) {
 		ct->last_seen = now;
 		kpr_nat_entries(p, f);

@@ -232,10 +232,12 @@ static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tu
 
 	if (!ct || !kpr_ct_usable(ct, p, now))
 		return 0;
-	be = kpr_backend(ct->backend_id);
-	if (!be || be->gen != ct->backend_gen) {
-		/* The backend is gone: a datagram flow moves to a live one; a TCP flow
-		 * gets a backend that answers with RST, so it fails fast, never hangs. */
+	be = kpr_flow_backend(ct->backend_id, ct->backend_gen, p->proto);
+	if (!be) {
+		/* Its backend stopped serving (datagram flows) or its id has another
+		 * occupant: balanced again. A datagram flow moves to a live backend; a
+		 * TCP flow, whose backend left long ago, gets one that answers with
+		 * RST, so it fails fast, never hangs. */
 		kpr_count(KPR_STAT_CT_STALE);
 		return 0;
 	}
@@ -289,7 +291,8 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	fresh.snat_addr = f->snat_addr;
 	fresh.snat_port = f->snat_port;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
-		fresh.flags = KPR_CT_F_CLOSING;
+		fresh.flags = KPR_CT_F_CLOSING |
+			      (p->tcp_flags & KPR_TCP_RST ? KPR_CT_F_RST : 0);
 	if (conntrack.update(key, &fresh) || kpr_nat_entries(p, f))
 		kpr_count(KPR_STAT_CT_FULL);
 	kpr_count(KPR_STAT_NEW_FLOW);

@@ -98,12 +98,30 @@ static __always_inline void kpr_count(__u32 idx)
 		*c += 1; /* per-CPU slot: no atomic needed */
 }
 
-/* The backend at index `id`, NULL for a free entry or an id out of range. */
+/* The backend at index `id` for a new choice: NULL for a free or gone entry or an
+ * id out of range. */
 static __always_inline struct kpr_backend *kpr_backend(__u32 id)
 {
 	struct kpr_backend *be = backends.lookup(&id);
 
-	return be && be->proto ? be : NULL;
+	return be && be->proto && !(be->flags & KPR_BE_F_GONE) ? be : NULL;
+}
+
+/* The backend a flow bound to (id, gen) may keep using, NULL when the flow must
+ * be balanced again. A TCP flow keeps a backend that left its Service (gone), as
+ * netfilter's conntrack keeps a removed endpoint's NAT under kube-proxy: the
+ * connection ends when one end closes it, never by kpr. A datagram flow moves, as
+ * kube-proxy deletes the UDP conntrack entries of an endpoint that stopped
+ * serving. A changed generation means the id has another occupant. */
+static __always_inline struct kpr_backend *kpr_flow_backend(__u32 id, __u32 gen, __u8 proto)
+{
+	struct kpr_backend *be = backends.lookup(&id);
+
+	if (!be || !be->proto || be->gen != gen)
+		return NULL;
+	if ((be->flags & KPR_BE_F_GONE) && proto != IPPROTO_TCP)
+		return NULL;
+	return be;
 }
 
 static __always_inline struct kpr_config *kpr_config(void)

@@ -61,7 +61,7 @@ struct kpr_backend {
 	union kpr_addr addr; /* backend address */
 	__be16 port;         /* backend port, network order */
 	__u8 proto;          /* IP protocol, as in the service key; 0: a free entry */
-	__u8 flags;          /* reserved: KPR_BE_F_*, always 0 so far */
+	__u8 flags;          /* KPR_BE_F_* */
 	__u32 gen;           /* generation: differs from every earlier occupant's */
 };
 

@@ -35,7 +35,7 @@ def _setup_logging(verbose: int) -> None:
 
 def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
     from controller.datapaths.ebpf.datapath import EbpfConfig
-    from controller.datapaths.ebpf.loader import MapSizes
+    from controller.datapaths.ebpf.loader import MapSizes, Timeouts
 
     ms = cfg.map_sizes
     sizes = MapSizes(**{k: v for k, v in (
@@ -58,7 +58,10 @@ def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
                       cluster_cidrs=tuple(cfg.cluster_cidrs),
                       masquerade_all=cfg.masquerade_all,
                       masquerade_address=cfg.masquerade_address,
-                      lb_algorithm=cfg.lb_algorithm, cgroup=cgroup)
+                      lb_algorithm=cfg.lb_algorithm, cgroup=cgroup,
+                      timeouts=Timeouts(
+                          tcp_established=max(1, round(cfg.conntrack_tcp_established)),
+                          tcp_close_wait=max(1, round(cfg.conntrack_tcp_close_wait))))
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -69,7 +72,8 @@ def _load_config(args: argparse.Namespace) -> Any:
         "nodeport_addresses", "metrics_bind_address", "healthz_bind_address", "sync_period",
         "min_sync_period", "config_sync_period", "full_sync_period", "interfaces",
         "instance", "bpffs_root", "poll_interval", "lb_algorithm", "maglev_table_size",
-        "masquerade_address", "cgroup_root", "iptables_backend", "ipvs_scheduler")}
+        "masquerade_address", "cgroup_root", "iptables_backend", "ipvs_scheduler",
+        "conntrack_tcp_established", "conntrack_tcp_close_wait")}
     raw["cleanup_on_exit"] = True if args.cleanup_on_exit else None
     raw["masquerade_all"] = True if args.masquerade_all else None
     overrides = config.flag_overrides(**raw)
@@ -574,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ebpf (default), nftables, ipvs, iptables or auto")
     r.add_argument("--ipvs-scheduler", help="for --proxy-mode ipvs: rr (default), wrr, lc, "
                    "wlc, sh, mh, sed, nq, ...")
+    r.add_argument("--conntrack-tcp-timeout-established", dest="conntrack_tcp_established",
+                   help="idle TCP flow lifetime in the eBPF flow table (default 24h)")
+    r.add_argument("--conntrack-tcp-timeout-close-wait", dest="conntrack_tcp_close_wait",
+                   help="TCP flow lifetime after the client's FIN (default 1h)")
     r.add_argument("--iptables-backend", help="for --proxy-mode iptables: nft, legacy or "
                    "auto (default: what the iptables command is)")
     r.add_argument("--interfaces",

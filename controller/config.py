@@ -7,7 +7,7 @@ The file is kube-proxy's own format (``kubeproxy.config.k8s.io/v1alpha1``,
 ``KubeProxyConfiguration``), so an operator can start from the file they have:
 
 * fields kpr implements are read with kube-proxy's meaning and defaults;
-* kube-proxy fields kpr has no use for (``conntrack``, ``winkernel``, ...) are
+* kube-proxy fields kpr has no use for (``winkernel``, ``conntrack.maxPerCore``, ...) are
   accepted and listed in a warning, never silently;
 * anything else is an error naming the field, as kube-proxy's strict decoding does;
 * kpr's own settings live under a top-level ``kpr:`` block.
@@ -35,7 +35,7 @@ MODES = ("ebpf", "auto", "nftables", "iptables", "ipvs")
 
 # kube-proxy fields accepted for compatibility but without effect in kpr.
 IGNORED_KUBE_PROXY_FIELDS = frozenset({
-    "bindAddress", "bindAddressHardFail", "conntrack", "detectLocal", "detectLocalMode",
+    "bindAddress", "bindAddressHardFail", "detectLocal", "detectLocalMode",
     "enableProfiling", "featureGates", "healthzBindAddresses", "ipvs", "logging",
     "metricsBindAddresses", "nftables", "oomScoreAdj", "portRange", "showHiddenMetricsForVersion",
     "winkernel", "windowsRunAsService", "linux",
@@ -124,6 +124,15 @@ class ProxyConfig:
     iptables_backend: str = "auto"
     """kpr.iptablesBackend / --iptables-backend: nft, legacy, or auto (what the
     ``iptables`` command is); for the iptables datapath."""
+    conntrack_tcp_established: float = 86400.0
+    """conntrack.tcpEstablishedTimeout / --conntrack-tcp-timeout-established: how
+    long an idle TCP flow keeps its backend in the eBPF datapath's flow table
+    (kube-proxy's 24 h; kube-proxy writes it to the kernel's conntrack, which the
+    classic datapaths use). 0 keeps the default."""
+    conntrack_tcp_close_wait: float = 3600.0
+    """conntrack.tcpCloseWaitTimeout / --conntrack-tcp-timeout-close-wait: how long
+    a TCP flow keeps its backend after the client's FIN (kube-proxy's 1 h). 0 keeps
+    the default."""
     masquerade_address: str = ""
     """kpr.masqueradeAddress / --masquerade-address: the node addresses masqueraded
     traffic leaves with, at most one per family, comma-separated; a family without
@@ -378,6 +387,16 @@ def parse_file(text: str, name: str = "config") -> tuple[dict[str, Any], list[st
                     out["kubeconfig"] = _str(v, f"{where}.kubeconfig")
                 elif k not in ("acceptContentTypes", "contentType", "qps", "burst"):
                     raise ConfigError(f"{where}.{k}: unknown field")
+        elif key == "conntrack":
+            for k, v in _mapping(value, where).items():
+                if k in ("tcpEstablishedTimeout", "tcpCloseWaitTimeout"):
+                    attr = ("conntrack_tcp_established" if k == "tcpEstablishedTimeout"
+                            else "conntrack_tcp_close_wait")
+                    secs = parse_duration(v, f"{where}.{k}")
+                    if secs:  # 0: leave it as it is (kube-proxy's meaning)
+                        out[attr] = secs
+                else:
+                    ignored.append(f"{key}.{k}")
         elif key in ("iptables", "ipvs", "nftables"):
             block = _mapping(value, where)
             for k, v in block.items():
@@ -485,6 +504,9 @@ def flag_overrides(**raw: Any) -> dict[str, Any]:
         "cgroup_root": ("--cgroup-root", _str),
         "iptables_backend": ("--iptables-backend", _iptables_backend),
         "ipvs_scheduler": ("--ipvs-scheduler", _ipvs_scheduler),
+        "conntrack_tcp_established": ("--conntrack-tcp-timeout-established",
+                                      parse_duration),
+        "conntrack_tcp_close_wait": ("--conntrack-tcp-timeout-close-wait", parse_duration),
     }
     for k, v in raw.items():
         if v is None:

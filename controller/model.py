@@ -144,6 +144,12 @@ class ServiceEntry:
     backend_flags: tuple[BackendFlag, ...] = ()
     """The flags of ``backends``, position by position; kept apart so that a flag
     change (an endpoint starts terminating) is a change of the entry."""
+    draining: tuple[Backend, ...] = ()
+    """Endpoints still in the slice and serving that take no new flow (terminating
+    while ready ones exist, or left out by topology), sorted, never in ``backends``
+    or ``cluster_backends``. Flows already on them keep them, as kube-proxy's
+    conntrack keeps them: a datapath with its own flow table keeps these backends
+    addressable, and the classic ones keep their UDP conntrack entries."""
 
     @staticmethod
     def make(frontend: Frontend, backends: Iterable[Backend], name: str = "",
@@ -158,6 +164,14 @@ class ServiceEntry:
         bes = tuple(Backend(b.ip, b.port, merged[b]) for b in ordered)
         if "cluster_backends" in kw:
             kw["cluster_backends"] = tuple(sorted(set(kw["cluster_backends"])))  # type: ignore[call-overload]
+        if kw.get("draining"):
+            used = set(ordered)
+            used.update(kw.get("cluster_backends", ()))  # type: ignore[arg-type]
+            kw["draining"] = tuple(sorted({Backend(b.ip, b.port)
+                                           for b in kw["draining"]  # type: ignore[attr-defined]
+                                           if b not in used}))
+        else:
+            kw.pop("draining", None)  # the shared empty default
         if "source_ranges" in kw:
             kw["source_ranges"] = tuple(sorted(set(kw["source_ranges"]),  # type: ignore[call-overload]
                                                key=lambda n: (n.version, n)))

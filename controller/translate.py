@@ -207,17 +207,30 @@ def translate_service(svc: Service, slices: Iterable[EndpointSlice],
         name = f"{svc.key}:{sp.name}" if sp.name else str(svc.key)
         for version in families:
             family = f"IPv{version}"
-            cat = categorize(candidates(sp.name, sp.protocol, family, slices, node),
-                             uses_cluster=uses_cluster, uses_local=uses_local,
+            cands = candidates(sp.name, sp.protocol, family, slices, node)
+            cat = categorize(cands, uses_cluster=uses_cluster, uses_local=uses_local,
                              traffic_distribution=svc.traffic_distribution, node=node)
+            # Serving endpoints keep the flows they have, whether or not they take
+            # new ones (see ServiceEntry.draining): every one for frontends that
+            # may reach the whole cluster, this node's for a ClusterIP with
+            # internalTrafficPolicy Local (it never sends a flow elsewhere).
+            serving = [c for c in cands if c.endpoint.conditions.serving]
+            local_serving = [c.backend for c in serving if c.local]
+            all_serving = [c.backend for c in serving]
             flags = base_flags | (ServiceFlag.HAS_ENDPOINTS if cat.has_any
                                   else ServiceFlag.NONE)
 
             def add(ip: IPAddress, port: int, kind: FrontendKind, cat: Categorized = cat,
-                    flags: ServiceFlag = flags, name: str = name) -> None:
+                    flags: ServiceFlag = flags, name: str = name,
+                    local_serving: list[Backend] = local_serving,
+                    all_serving: list[Backend] = all_serving) -> None:
                 local = (svc.internal_policy_local if kind == FrontendKind.CLUSTER_IP
                          else svc.external_policy_local)
                 kw: dict[str, object] = {}
+                pool = local_serving if local and kind == FrontendKind.CLUSTER_IP \
+                    else all_serving
+                if pool:
+                    kw["draining"] = pool
                 if local:
                     flags |= ServiceFlag.LOCAL_POLICY
                     if kind != FrontendKind.CLUSTER_IP:

@@ -1,6 +1,6 @@
 """Service features with real traffic through the eBPF datapath, programmed directly:
 ClientIP affinity, Maglev, masqueradeAll, what happens to flows whose backend goes
-away (UDP moves, TCP fails fast), and host sockets. Every test runs once per family
+away or turns terminating (TCP stays, UDP moves), and host sockets. Every test runs once per family
 over the dual-stack testbed."""
 
 from __future__ import annotations
@@ -198,10 +198,17 @@ def test_udp_flow_moves_when_its_backend_goes(
     assert dp.stats()["ct_stale"] == stale + 1
 
 
-def test_tcp_connection_to_a_removed_backend_fails_fast(
+def test_tcp_connection_keeps_a_backend_that_left_until_its_id_has_another_owner(
         node: Testbed, datapath_factory: Callable[..., EbpfDatapath], fam: Family) -> None:
+    """kube-proxy's TCP behaviour: netfilter's conntrack keeps a removed endpoint's
+    NAT, so an open connection stays on its backend (it may still serve: a label or
+    selector change removes a running pod). Only once the backend's id has another
+    owner (fresh ids first, then the longest-free: a 3-entry array here) does the
+    flow fail, at once, with an RST from a live backend, never a hang."""
+    from controller.datapaths.ebpf.loader import MapSizes
+
     tb = node
-    dp = start(tb, datapath_factory)
+    dp = start(tb, datapath_factory, sizes=MapSizes(backends=3))
     full = entry(tb, fam, "ab")
     dp.sync(State([full]), None)
     conn = Conn(tb.pods["client"].ns, fam.vip, 80)
@@ -209,12 +216,78 @@ def test_tcp_connection_to_a_removed_backend_fails_fast(
     rest = "b" if name == "a" else "a"
     less = entry(tb, fam, rest)
     dp.sync(State([less]), Diff.between(State([full]), State([less])))
+    assert set(spread(tb.pods["client"].ns, fam.vip, 80, 20)) == {rest}  # no new flow
+    for _ in range(5):
+        assert conn.ask().split()[0] == name  # the open one keeps its backend
+    # c takes the third fresh id, d the gone backend's id: now the flow is balanced
+    # again, to a backend that has no such connection
+    more = entry(tb, fam, rest + "cd")
+    dp.sync(State([more]), Diff.between(State([less]), State([more])))
     t0 = time.monotonic()
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         conn.ask()
         conn.ask()  # the RST may arrive after the first send was accepted
     assert time.monotonic() - t0 < 1.5  # the Conn timeout is 2 s: a reset, not a hang
     conn.close()
+
+
+def test_a_terminating_endpoint_keeps_its_flows_and_takes_no_new_one(
+        node: Testbed, datapath_factory: Callable[..., EbpfDatapath], fam: Family) -> None:
+    """A rolling update: the endpoint turns terminating (ready false, serving
+    true) while others are ready. Its open TCP connections and its UDP flow stay on
+    it; new flows go to the ready ones. When it leaves the slice, its TCP
+    connections still stay (kube-proxy keeps TCP conntrack entries) and its UDP flow
+    moves at once (kube-proxy deletes UDP entries of an endpoint that stopped
+    serving), losing no datagram."""
+    tb = node
+    dp = start(tb, datapath_factory)
+    tcp, udp = entry(tb, fam, "ab"), entry(tb, fam, "ab", Protocol.UDP, 53)
+    dp.sync(State([tcp, udp]), None)
+    client = tb.pods["client"].ns
+    conns = {}
+    for _ in range(60):
+        c = Conn(client, fam.vip, 80)
+        n = c.ask().split()[0]
+        if n in conns:
+            c.close()
+        else:
+            conns[n] = c
+        if len(conns) == 2:
+            break
+    assert set(conns) == {"a", "b"}
+    u = in_netns(client, lambda: socket.socket(fam.af, socket.SOCK_DGRAM))
+    u.settimeout(1)
+    u.connect((fam.vip, 53))
+
+    def ask_udp() -> str:
+        u.send(b"hi\n")
+        return u.recv(100).decode().split()[0]
+    first = ask_udp()
+    other = "b" if first == "a" else "a"
+    a_ip = ipaddress.ip_address(fam.pod_ip(tb, first))
+    drain = [Backend(a_ip, 8080)]
+    tcp2 = ServiceEntry.make(tcp.frontend, [b for b in tcp.backends if b.ip != a_ip],
+                             tcp.name, draining=drain)
+    udp2 = ServiceEntry.make(udp.frontend, [b for b in udp.backends if b.ip != a_ip],
+                             udp.name, draining=drain)
+    s1, s2 = State([tcp, udp]), State([tcp2, udp2])
+    dp.sync(s2, Diff.between(s1, s2))
+    assert dp.dump() == dp.canonical(s2.values())  # draining backends read back
+    assert set(spread(client, fam.vip, 80, 20)) == {other}
+    assert set(spread(client, fam.vip, 53, 20, "udp")) == {other}
+    for _ in range(3):
+        assert conns["a"].ask().split()[0] == "a" and conns["b"].ask().split()[0] == "b"
+        assert ask_udp() == first
+    # it leaves the slice
+    tcp3 = ServiceEntry.make(tcp.frontend, tcp2.backends, tcp.name)
+    udp3 = ServiceEntry.make(udp.frontend, udp2.backends, udp.name)
+    s3 = State([tcp3, udp3])
+    dp.sync(s3, Diff.between(s2, s3))
+    assert conns[first].ask().split()[0] == first
+    assert ask_udp() == other  # moved, and answered: no datagram lost
+    u.close()
+    for c in conns.values():
+        c.close()
 
 
 def test_host_sockets_see_the_frontend_as_their_peer(

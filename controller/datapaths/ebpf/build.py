@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--programs", default="[]",
                    help="JSON: [[socket program name, attach type], ...]")
     p.add_argument("--hz", type=int, default=0, help="the kernel's tick rate (0: unknown)")
+    p.add_argument("--timeouts", default="{}", help="JSON: Timeouts fields")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     from bcc import BPF  # this process's reason to exist
 
     bpf = loader.compile_program(args.pin_dir, loader.MapSizes(**json.loads(args.sizes)),
-                                 hz=args.hz)
+                                 hz=args.hz,
+                                 timeouts=loader.Timeouts(**json.loads(args.timeouts)))
     for name in loader.TC_PROGRAMS:
         kernel.obj_pin(bpf.load_func(f"kpr_{name}", BPF.SCHED_CLS).fd, args.stage / name)
     for name, attach_type in json.loads(args.programs):

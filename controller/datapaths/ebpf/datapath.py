@@ -78,6 +78,9 @@ class EbpfConfig:
     """random or maglev, for Services without the annotation."""
     cgroup: Path | None = None
     """cgroup v2 directory for the socket programs (host traffic); None: not attached."""
+    timeouts: loader.Timeouts = field(default_factory=loader.Timeouts)
+    """Flow lifetimes (kube-proxy's conntrack.tcpEstablishedTimeout and
+    tcpCloseWaitTimeout)."""
 
     @property
     def pin_dir(self) -> Path:
@@ -151,7 +154,7 @@ class EbpfDatapath:
         try:
             hz = kernel.clock_hz() if self.cfg.clock_hz is None else self.cfg.clock_hz
             self.bpf = loader.load(self.cfg.pin_dir, self.cfg.sizes, programs=sock.PROGRAMS,
-                                   hz=hz)
+                                   hz=hz, timeouts=self.cfg.timeouts)
         except loader.CompileError as e:
             raise DatapathError(str(e)) from e
         self.prog_fds = dict(self.bpf.prog_fds)

@@ -71,6 +71,22 @@ class MapSizes:
                 f"-DKPR_MAX_SRC_RANGES={self.source_ranges}"]
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Flow lifetimes of the programs' conntrack (compiled in; kpr_consts.h)."""
+
+    tcp_established: int = 86400
+    """Seconds an idle TCP flow keeps its backend: kube-proxy's
+    conntrack.tcpEstablishedTimeout (24 h)."""
+    tcp_close_wait: int = 3600
+    """Seconds a TCP flow keeps its backend after the client's FIN (it may be half
+    closed): kube-proxy's conntrack.tcpCloseWaitTimeout (1 h)."""
+
+    def defines(self) -> list[str]:
+        return [f"-DKPR_CT_TCP_SECS={self.tcp_established}",
+                f"-DKPR_CT_CLOSE_WAIT_SECS={self.tcp_close_wait}"]
+
+
 def flatten(name: str = ENTRY, bpf_dir: Path = BPF_DIR) -> str:
     """The entry file with local includes inlined once each (see module docstring)."""
     seen: set[str] = set()
@@ -250,7 +266,8 @@ class CompileError(RuntimeError):
 
 
 def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
-         programs: tuple[tuple[str, int], ...] = (), hz: int = 0) -> Loaded:
+         programs: tuple[tuple[str, int], ...] = (), hz: int = 0,
+         timeouts: Timeouts = Timeouts()) -> Loaded:
     """Compile and load in a child process, then open what it pinned.
 
     ``programs``: the socket programs, (name, attach type) as in sock.PROGRAMS.
@@ -276,7 +293,7 @@ def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
                 [sys.executable, "-m", "controller.datapaths.ebpf.build", "--pin-dir",
                  str(pin_dir), "--stage", str(stage), "--sizes",
                  json.dumps(dataclasses.asdict(sizes)), "--programs", json.dumps(programs),
-                 "--hz", str(hz)],
+                 "--hz", str(hz), "--timeouts", json.dumps(dataclasses.asdict(timeouts))],
                 capture_output=True, text=True, env=env, timeout=600)
         for line in p.stderr.splitlines():
             if line.strip():
@@ -302,7 +319,7 @@ def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
 
 
 def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
-                    hz: int = 0) -> Any:
+                    hz: int = 0, timeouts: Timeouts = Timeouts()) -> Any:
     """Compile the programs and create/open the pinned maps. Returns a bcc.BPF.
     (The build child's step; see load().)"""
     kernel.ensure_bcc_headers()
@@ -311,7 +328,8 @@ def compile_program(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
     _unpin_mismatched(pin_dir, sizes, bpf_dir)
     from bcc import BPF  # imported late: importing bcc is slow and needs root
 
-    cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), f"-DKPR_HZ={hz}",
+    cflags = [f'-DKPR_PIN_DIR="{pin_dir}"', *sizes.defines(), *timeouts.defines(),
+              f"-DKPR_HZ={hz}",
               "-Wno-unused-function"]
     with _compile_lock:  # bcc/LLVM state is process-global
         return BPF(text=flatten(ENTRY, bpf_dir), cflags=cflags)

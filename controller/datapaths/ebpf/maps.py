@@ -141,6 +141,10 @@ class Record:
     """loadBalancerSourceRanges of the frontend's family, with KPR_SVC_F_SRC_RANGES."""
     name: str = ""
     """namespace/name:port."""
+    draining: tuple[Backend, ...] = ()
+    """Backends that keep their flows but take no new one (ServiceEntry.draining):
+    slots [count, count + len(draining)), outside every new-flow choice and out of
+    members (affinity), so their backend ids and generations stay put."""
 
     @property
     def key(self) -> Key:
@@ -171,18 +175,21 @@ def records(e: ServiceEntry, maglev_default: bool = False) -> list[Record]:
         if ranges:
             flags |= F_SRC_RANGES
     aff = e.affinity_timeout if flags & F_AFFINITY else 0
+    dr = e.draining
     if not ef & _LOCAL_POLICY:
         return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, flags, e.kind, aff, ranges,
-                       e.name)]
+                       e.name, dr)]
     # Local: no local backend while the Service has endpoints elsewhere drops
     # (kube-proxy's "has no local endpoints" DROP); no endpoints at all rejects.
     primary = flags | F_LOCAL | (F_DROP_EMPTY if ef & _HAS_ENDPOINTS else 0)
     if not external:
         return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, primary, e.kind, aff, ranges,
-                       e.name)]
+                       e.name, dr)]
     cluster = tuple(sorted({Backend(b.ip, b.port) for b in e.cluster_backends}))
+    # the draining backends ride on the primary record: a flow finds its backend
+    # by id, whichever record keeps the id alive
     return [Record(e.frontend, SCOPE_EXTERNAL, e.backends, primary | F_INTERNAL, e.kind, aff,
-                   ranges, e.name),
+                   ranges, e.name, dr),
             Record(e.frontend, SCOPE_INTERNAL, cluster, flags, e.kind, aff, ranges, e.name)]
 
 
@@ -206,6 +213,8 @@ def entry_of(primary: Record, twin: Record | None) -> ServiceEntry:
         kw["cluster_backends"] = twin.backends
     if primary.source_ranges:
         kw["source_ranges"] = primary.source_ranges
+    if primary.draining:
+        kw["draining"] = primary.draining
     # backend flags are not programmed: what the kernel holds has none
     return ServiceEntry.make(primary.frontend, (Backend(b.ip, b.port) for b in primary.backends),
                              primary.name,
@@ -481,6 +490,18 @@ class _Svc:
     """Source ranges written for it."""
     maglev: bool = False
     """A Maglev table is written for the current backends."""
+    count: int = -1
+    """Slots [0, count) take new flows (the services value's count); the rest of
+    ``backends`` are draining. -1: all of them (no draining slot)."""
+
+    @property
+    def active(self) -> tuple[int, ...]:
+        """The backend keys of the slots that take new flows."""
+        return self.backends if self.count < 0 else self.backends[:self.count]
+
+    @property
+    def n_active(self) -> int:
+        return len(self.backends) if self.count < 0 else self.count
 
     @property
     def value(self) -> tuple[int, int, int]:
@@ -507,6 +528,10 @@ def _bval(key: int) -> bytes:
 
 _BE_PROTO = 18
 """Offset of the protocol byte in a backends value (kpr_backend.proto)."""
+_BE_FLAGS = 19
+"""Offset of the flags byte (kpr_backend.flags)."""
+BE_F_GONE = C["BE_F_GONE"]
+"""kpr_backend.flags: released; kept addressable for the TCP flows bound to it."""
 
 _REF = 1 << 32
 """One reference, in ServiceMaps._be's id | references << 32 encoding."""
@@ -613,7 +638,8 @@ class Plan:
     maglev_delete: set[int] = field(default_factory=set)
     member_delete: set[tuple[int, int]] = field(default_factory=set)
     slot_delete: list[tuple[int, int]] = field(default_factory=list)
-    backend_delete: list[int] = field(default_factory=list)
+    backend_delete: dict[int, int] = field(default_factory=dict)
+    """Released backend id -> its backend key: written as a gone entry (see apply)."""
 
     def ops(self) -> int:
         return sum(len(getattr(self, f)) for f in self.__dataclass_fields__)
@@ -698,7 +724,8 @@ class ServiceMaps:
         # first cost 10 MB of transient at 200,000 backends
         for kb, vb, n in self.backends._batches():
             for bid, i in zip(array("I", kb[:4 * n]), range(0, n * bs, bs)):
-                if vb[i + _BE_PROTO]:  # a free entry's protocol byte is 0
+                # a free entry's protocol byte is 0; a gone one is free too
+                if vb[i + _BE_PROTO] and not vb[i + _BE_FLAGS] & BE_F_GONE:
                     live[bid] = vb[i:i + _BACKEND.size]
             gen = max(gen, max(array("I", vb[:n * bs])[w - 1::w], default=0))
         return live, gen
@@ -725,8 +752,19 @@ class ServiceMaps:
                 else:  # no slot, no backend, or a duplicate id: rewrite it
                     k = _STALE
                 keys.append(k)
+            # draining slots follow the count; one whose backend is missing is
+            # dropped (the next plan writes the draining set anew anyway)
+            i = count
+            while i in own and i < count + self.slots.max_entries:
+                k = bkeys.get(own[i], _STALE)
+                if not (k and self._be[k] & _ID == own[i]):
+                    break
+                self._be[k] += _REF
+                keys.append(k)
+                i += 1
             self._svc[key] = _Svc(sid, tuple(keys), *value, names.get(sid, ""),
-                                  tuple(sorted(ranges.get(sid, []))), maglev=False)
+                                  tuple(sorted(ranges.get(sid, []))), maglev=False,
+                                  count=count if len(keys) > count else -1)
         live = {s.svc_id: s for s in self._svc.values()}
         self._slot_total = sum(len(s.backends) for s in self._svc.values())
         self._external = sum(1 for _, scope in self._svc if scope == SCOPE_EXTERNAL)
@@ -742,7 +780,7 @@ class ServiceMaps:
                             if sid not in live or slot >= len(live[sid].backends)]
         plan.name_delete = [sid for sid in names if sid not in live]
         want_members = {(s.svc_id, self._be[k] & _ID) for s in live.values()
-                        for k in s.backends if k}
+                        for k in s.active if k}
         plan.member_delete = members - want_members
         plan.member_write = want_members - members
         plan.range_delete = {(sid, n) for sid, ns in ranges.items() if sid not in live
@@ -758,7 +796,7 @@ class ServiceMaps:
         for bid, key in bkeys.items():
             v = self._be.get(key)
             if v is None or v & _ID != bid or v < _REF:  # a duplicate, or unreferenced
-                plan.backend_delete.append(bid)
+                plan.backend_delete[bid] = key
         for key in [k for k, v in self._be.items() if v < _REF]:
             del self._be[key]
         return plan
@@ -773,8 +811,14 @@ class ServiceMaps:
             own = slots.get(sid, {})
             bes = tuple(backends[own[i]][0] for i in range(count)
                         if own.get(i) in backends)
+            dr: list[Backend] = []
+            i = count
+            while own.get(i) in backends:
+                dr.append(backends[own[i]][0])
+                i += 1
             recs[(f, scope)] = Record(f, scope, bes, flags, FrontendKind(kind), aff,
-                                      tuple(sorted(ranges.get(sid, []))), names.get(sid, ""))
+                                      tuple(sorted(ranges.get(sid, []))), names.get(sid, ""),
+                                      tuple(sorted(dr)))
         return State(entry_of(r, recs.get((f, SCOPE_INTERNAL)))
                      for (f, scope), r in recs.items() if scope == SCOPE_EXTERNAL)
 
@@ -842,7 +886,7 @@ class ServiceMaps:
                 plan.svc_delete.append(key)
                 plan.name_delete.append(sid)
                 plan.slot_delete += [(sid, i) for i in range(len(old.backends))]
-                plan.member_delete |= {(sid, self._id(k)) for k in old.backends
+                plan.member_delete |= {(sid, self._id(k)) for k in old.active
                                        if k}
                 plan.range_delete |= {(sid, n) for n in old.ranges}
                 if old.maglev or old.flags & F_MAGLEV:
@@ -855,7 +899,13 @@ class ServiceMaps:
                 continue
             proto = key[0].protocol
             keys = tuple([_bkey(b, proto) for b in rec.backends])
+            n = len(keys)
+            count = -1
+            if rec.draining:  # slots past the count: kept, never chosen
+                keys += tuple([_bkey(b, proto) for b in rec.draining])
+                count = n
             ids = tuple([self._ref_backend(k, plan) for k in keys])
+            act_keys, act_ids = (keys, ids) if count < 0 else (keys[:n], ids[:n])
             value = (rec.flags, rec.affinity_timeout, int(rec.kind))
             if old is None:
                 sid = self._svc_ids.take()
@@ -865,22 +915,23 @@ class ServiceMaps:
                 # from empty add 50,000 of these)
                 for i, bid in enumerate(ids):
                     plan.slot_write[(sid, i)] = bid
-                plan.member_write.update([(sid, b) for b in ids])
+                plan.member_write.update([(sid, b) for b in act_ids])
                 if rec.source_ranges:
-                    plan.range_write.update([(sid, n) for n in rec.source_ranges])
-                maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
+                    plan.range_write.update([(sid, r) for r in rec.source_ranges])
+                maglev = bool(rec.flags & F_MAGLEV) and bool(act_ids)
                 if maglev:
-                    table = self._maglev_bytes(keys, ids)
+                    table = self._maglev_bytes(act_keys, act_ids)
                     if self._adopted_tables.pop(sid, None) != table:
                         plan.maglev_write[sid] = table
-                plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
+                plan.svc_write[key] = _SVC_VAL.pack(sid, n, *value)
                 plan.name_write[sid] = rec.name
                 self._slot_total += len(ids)
-                self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev)
+                self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev,
+                                      count)
                 continue
             sid = old.svc_id
             old_keys, old_ranges, old_maglev = old.backends, old.ranges, old.maglev
-            old_ids = {self._id(k) for k in old_keys if k}
+            old_ids = {self._id(k) for k in old.active if k}
             unrefs += old_keys
             if old.kind != rec.kind:  # e.g. an address moving from clusterIP to LB
                 self._vip_ref(old, key, -1, plan)
@@ -889,23 +940,24 @@ class ServiceMaps:
                 if i >= len(old_keys) or old_keys[i] != k:
                     plan.slot_write[(sid, i)] = ids[i]
             plan.slot_delete += [(sid, i) for i in range(len(keys), len(old_keys))]
-            plan.member_write |= {(sid, b) for b in set(ids) - old_ids}
-            plan.member_delete |= {(sid, b) for b in old_ids - set(ids)}
+            plan.member_write |= {(sid, b) for b in set(act_ids) - old_ids}
+            plan.member_delete |= {(sid, b) for b in old_ids - set(act_ids)}
             plan.range_write |= {(sid, n) for n in set(rec.source_ranges) - set(old_ranges)}
             plan.range_delete |= {(sid, n) for n in set(old_ranges) - set(rec.source_ranges)}
-            maglev = bool(rec.flags & F_MAGLEV) and bool(ids)
-            if maglev and (not old_maglev or keys != old_keys):
-                table = self._maglev_bytes(keys, ids)
+            maglev = bool(rec.flags & F_MAGLEV) and bool(act_ids)
+            if maglev and (not old_maglev or act_keys != old.active):
+                table = self._maglev_bytes(act_keys, act_ids)
                 if self._adopted_tables.pop(sid, None) != table:
                     plan.maglev_write[sid] = table
             elif old_maglev and not maglev:
                 plan.maglev_delete.add(sid)
-            if len(ids) != len(old_ids) or value != old.value:
-                plan.svc_write[key] = _SVC_VAL.pack(sid, len(ids), *value)
+            if n != old.n_active or value != old.value:
+                plan.svc_write[key] = _SVC_VAL.pack(sid, n, *value)
             if old.name != rec.name:
                 plan.name_write[sid] = rec.name
             self._slot_total += len(keys) - len(old_keys)
-            self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev)
+            self._svc[key] = _Svc(sid, keys, *value, rec.name, rec.source_ranges, maglev,
+                                  count)
         if not deferred:
             self.release(unrefs, plan)
         return plan
@@ -921,7 +973,7 @@ class ServiceMaps:
             v -= _REF
             if v < _REF:
                 del self._be[key]
-                plan.backend_delete.append(v)
+                plan.backend_delete[v] = key
             else:
                 self._be[key] = v
 
@@ -954,12 +1006,29 @@ class ServiceMaps:
         self.maglev.delete_packed(_u32s(plan.maglev_delete))
         self.members.delete_packed(_u32s(chain.from_iterable(plan.member_delete)))
         self.slots.delete_packed(_u32s(chain.from_iterable(plan.slot_delete)))
-        # an array's entries cannot be deleted: a tombstone (protocol 0) carries the
-        # newest generation, so that one read back after a restart still bounds it
-        dead = bytes(_BACKEND.size) + _U32.pack(self._be_ids.gen)
-        self.backends.update_packed(_u32s(plan.backend_delete), dead * len(plan.backend_delete))
-        self._be_ids.give(plan.backend_delete)
+        # A released backend stays addressable, flagged gone, with its generation,
+        # until its id is taken again (the longest-free id first, after every fresh
+        # one): the TCP flows bound to it keep going there, as netfilter's conntrack
+        # keeps a removed endpoint's NAT (kube-proxy's TCP behaviour), while new
+        # flows, affinity and datagram flows no longer use it. Its generation stays
+        # the one it was issued, so the highest generation read back after a restart
+        # still bounds every generation issued.
+        bd = plan.backend_delete
+        self.backends.update_packed(_u32s(bd), b"".join(map(self._gone, bd, bd.values())))
+        self._be_ids.give(bd)
         return plan.ops()
+
+    def _gone(self, bid: int, key: int) -> bytes:
+        """The gone entry for released id ``bid`` (backend key ``key``): the value
+        the kernel holds, with its generation, flagged gone. (The shadow keeps no
+        generations: one more int per backend. A release is rare next to a packet,
+        and a partial sync releases a handful.)"""
+        cur = self.backends.lookup(_U32.pack(bid))
+        if cur is None or not cur[_BE_PROTO] or cur[:_BE_FLAGS] != _bval(key)[:_BE_FLAGS]:
+            # free already, or not the backend the shadow released: a plain
+            # tombstone with the newest generation (no flow can be bound to it)
+            return bytes(_BACKEND.size) + _U32.pack(self._be_ids.gen)
+        return cur[:_BE_FLAGS] + bytes([cur[_BE_FLAGS] | BE_F_GONE]) + cur[_BE_FLAGS + 1:]
 
     # ----- entry points ---------------------------------------------------------------
 

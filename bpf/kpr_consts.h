@@ -21,6 +21,9 @@
 #ifndef KPR_MAX_CT
 #define KPR_MAX_CT 262144
 #endif
+#ifndef KPR_MAX_HALF_OPEN
+#define KPR_MAX_HALF_OPEN 65536
+#endif
 #ifndef KPR_MAX_FRAG
 #define KPR_MAX_FRAG 8192
 #endif
@@ -79,6 +82,19 @@
 #define KPR_CT_LIFETIME_FIN ((__u64)KPR_CT_CLOSE_WAIT_SECS * KPR_TICKS_PER_SEC)
 #define KPR_CT_LIFETIME_NONTCP (60ULL * KPR_TICKS_PER_SEC)
 #define KPR_CT_LIFETIME_CLOSING (10ULL * KPR_TICKS_PER_SEC)
+/* Both sides sent a FIN: what remains is the last ACK and retransmissions, which
+ * netfilter keeps for TIME_WAIT (nf_conntrack_tcp_timeout_time_wait, 120 s; kube-proxy
+ * leaves it). Without it a closed flow held its entry for the close-wait hour. */
+#define KPR_CT_LIFETIME_CLOSED (120ULL * KPR_TICKS_PER_SEC)
+/* A half-open TCP flow (SYN seen, handshake not complete): netfilter's SYN_RECV
+ * timeout, 60 s. */
+#define KPR_CT_LIFETIME_SYN (60ULL * KPR_TICKS_PER_SEC)
+
+/* struct kpr_ho_key.kind: which of a half-open flow's entries a half_open key is */
+#define KPR_HO_CT 1     /* client -> frontend: the conntrack value */
+#define KPR_HO_REVNAT 2 /* backend -> client: the frontend (as revnat) */
+#define KPR_HO_SNAT 3   /* client -> backend: the masquerade source (as snat) */
+#define KPR_HO_UNSNAT 4 /* backend -> masquerade address: the client (as unsnat) */
 /* last_seen is refreshed at most this often, to keep per-packet writes off the
  * shared cache line of a busy flow. */
 #define KPR_CT_REFRESH (1ULL * KPR_TICKS_PER_SEC)
@@ -92,6 +108,20 @@
 /* struct kpr_ct_value.flags */
 #define KPR_CT_F_CLOSING 0x1 /* a FIN or RST was seen from the client */
 #define KPR_CT_F_RST 0x2     /* ... and it was an RST: the flow has ended */
+#define KPR_CT_F_EXTERN 0x4  /* netfilter's conntrack translates this flow, handed over
+			      * by a datapath switch (controller/datapaths/ebpf/handover.py):
+			      * its packets pass untouched */
+#define KPR_CT_F_HOLD 0x8    /* the flow is between the two datapaths' tables for a few
+			      * syscalls: its packets are dropped (the sender retransmits),
+			      * never sent where neither table translates them */
+#define KPR_CT_F_FIN_REPLY 0x10 /* a FIN was seen from the backend (at egress, on its
+				 * way to the client); with CLOSING the flow is closed */
+
+/* kpr_ct_forward's verdicts */
+#define KPR_CT_NEW 0  /* no usable entry: balance the packet as a new flow */
+#define KPR_CT_HIT 1  /* the flow's backend is in *f */
+#define KPR_CT_PASS 2 /* KPR_CT_F_EXTERN: leave the packet to netfilter */
+#define KPR_CT_HOLD 3 /* KPR_CT_F_HOLD: drop it */
 
 /* struct kpr_backend.flags */
 #define KPR_BE_F_GONE 0x1 /* released: no new flow, no affinity, no datagram flow; the
@@ -109,6 +139,13 @@
 #define KPR_SVC_F_DROP_EMPTY 0x10 /* no backend: drop (Local, endpoints elsewhere), not reject */
 #define KPR_SVC_F_MAGLEV 0x20     /* Maglev: the flow hash picks from maglev */
 #define KPR_SVC_F_INTERNAL 0x40   /* has a KPR_SCOPE_INTERNAL twin for in-cluster clients */
+/* A datapath switch in progress (controller/datapaths/ebpf/handover.py): netfilter
+ * owns the flows it has. PASS_NEW: every packet without a conntrack entry here is
+ * left to it (the flows are being handed to netfilter). SYN_ONLY: only a TCP SYN
+ * opens a flow here; other packets without an entry are left to it (the flows are
+ * being taken from netfilter). */
+#define KPR_SVC_F_PASS_NEW 0x80
+#define KPR_SVC_F_SYN_ONLY 0x100
 
 /* struct kpr_config.flags */
 #define KPR_CFG_F_MASQ_ALL 0x1     /* masqueradeAll */
@@ -135,6 +172,13 @@
 #define KPR_TCP_ACK 0x10
 
 /* Per-CPU counters in the `stats` map. Append only (see file comment). */
+/* lb_state flags (kpr_maps.h) */
+#define KPR_STATE_F_COEXIST 0x1 /* another build's programs may run on some interfaces */
+
+/* ct_prev slots (kpr_maps.h) */
+#define KPR_PREV_IMPORT 0 /* an upgrade: the previous layout's live conntrack */
+#define KPR_PREV_EXPORT 1 /* a rollback export: the conntrack left for the older kpr */
+
 enum kpr_stat {
 	KPR_STAT_INGRESS_PKTS = 0,  /* TCP/UDP packets seen at ingress */
 	KPR_STAT_EGRESS_PKTS,       /* TCP/UDP packets seen at egress */
@@ -157,6 +201,16 @@ enum kpr_stat {
 	KPR_STAT_SOCK_LB,           /* connect/sendmsg translated by the socket programs */
 	KPR_STAT_CT_RECLAIM,        /* an ended flow's reply-side entries met another flow
 				     * on its tuple: removed, the packet left untouched */
+	KPR_STAT_CT_EXTERN,         /* packets of flows netfilter translates (a datapath
+				     * switch in progress): left untouched */
+	KPR_STAT_CT_HOLD,           /* packets of a flow in mid handover: dropped */
+	KPR_STAT_CT_HALF_OPEN,      /* TCP flows opened by a SYN: kept in half_open */
+	KPR_STAT_CT_PROMOTE,        /* half-open flows whose handshake completed: moved to
+				     * conntrack */
+	KPR_STAT_CT_IMPORT,         /* flows found in the previous layout's conntrack (an
+				     * upgrade in progress): converted into conntrack */
+	KPR_STAT_CT_EXPORT,         /* new flows written to the previous layout's conntrack
+				     * too (a rollback export in progress) */
 	KPR_STAT_MAX,
 };
 

@@ -47,7 +47,11 @@ static __always_inline __u64 kpr_ct_lifetime(const struct kpr_ct_value *ct, __u8
 		return KPR_CT_LIFETIME_NONTCP;
 	if (ct->flags & KPR_CT_F_RST)
 		return KPR_CT_LIFETIME_CLOSING;
-	return ct->flags & KPR_CT_F_CLOSING ? KPR_CT_LIFETIME_FIN : KPR_CT_LIFETIME_TCP;
+	if ((ct->flags & (KPR_CT_F_CLOSING | KPR_CT_F_FIN_REPLY)) ==
+	    (KPR_CT_F_CLOSING | KPR_CT_F_FIN_REPLY))
+		return KPR_CT_LIFETIME_CLOSED;
+	return ct->flags & (KPR_CT_F_CLOSING | KPR_CT_F_FIN_REPLY) ? KPR_CT_LIFETIME_FIN :
+								     KPR_CT_LIFETIME_TCP;
 }
 
 /* Is this live entry still the flow's entry? A TCP SYN after FIN/RST opens a new
@@ -63,10 +67,65 @@ static __always_inline int kpr_ct_usable(const struct kpr_ct_value *ct,
 	return 1;
 }
 
+/* The half_open key standing for entry `t` of kind `kind` (KPR_HO_*). */
+static __always_inline void kpr_ho_key(const struct kpr_tuple *t, __u8 kind,
+				       struct kpr_ho_key *k)
+{
+	k->saddr = t->saddr;
+	k->daddr = t->daddr;
+	k->sport = t->sport;
+	k->dport = t->dport;
+	k->proto = t->proto;
+	k->kind = kind;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
+}
+
+static __always_inline struct kpr_ho_scratch *kpr_ho_scratch(void)
+{
+	__u32 zero = 0;
+
+	return ho_scratch.lookup(&zero);
+}
+
+static __always_inline union kpr_ho_value *kpr_ho_get(const struct kpr_tuple *t, __u8 kind)
+{
+	struct kpr_ho_scratch *s = kpr_ho_scratch();
+
+	if (!s)
+		return NULL;
+	kpr_ho_key(t, kind, &s->k);
+	return half_open.lookup(&s->k);
+}
+
+static __always_inline int kpr_ho_put_nat(const struct kpr_tuple *t, __u8 kind,
+					  const struct kpr_nat_addr *na)
+{
+	struct kpr_ho_scratch *s = kpr_ho_scratch();
+
+	if (!s)
+		return -1;
+	kpr_ho_key(t, kind, &s->k);
+	__builtin_memset(&s->v, 0, sizeof(s->v));
+	s->v.nat = *na;
+	return half_open.update(&s->k, &s->v);
+}
+
+static __always_inline void kpr_ho_del(const struct kpr_tuple *t, __u8 kind)
+{
+	struct kpr_ho_scratch *s = kpr_ho_scratch();
+
+	if (!s)
+		return;
+	kpr_ho_key(t, kind, &s->k);
+	half_open.delete(&s->k);
+}
+
 /* The reply-direction entries: revnat always; snat and unsnat when masqueraded.
- * `orig` is the packet as the client sent it. Returns 0 or a map error. */
+ * `orig` is the packet as the client sent it; `ho`: a half-open flow's, kept in
+ * half_open. Returns 0 or a map error. */
 static __always_inline int kpr_nat_entries(const struct kpr_pkt *orig,
-					    const struct kpr_fwd *f)
+					    const struct kpr_fwd *f, int ho)
 {
 	struct kpr_tuple k = {};
 	struct kpr_nat_addr rv = {};
@@ -80,7 +139,7 @@ static __always_inline int kpr_nat_entries(const struct kpr_pkt *orig,
 	k.proto = orig->proto;
 	rv.addr = orig->daddr;
 	rv.port = orig->dport;
-	ret = revnat.update(&k, &rv);
+	ret = ho ? kpr_ho_put_nat(&k, KPR_HO_REVNAT, &rv) : revnat.update(&k, &rv);
 	if (ret || kpr_addr_is_zero(&f->snat_addr))
 		return ret;
 
@@ -88,7 +147,7 @@ static __always_inline int kpr_nat_entries(const struct kpr_pkt *orig,
 	k.dport = f->snat_port;
 	na.addr = orig->saddr;
 	na.port = orig->sport;
-	ret = unsnat.update(&k, &na);
+	ret = ho ? kpr_ho_put_nat(&k, KPR_HO_UNSNAT, &na) : unsnat.update(&k, &na);
 	if (ret)
 		return ret;
 
@@ -98,21 +157,58 @@ static __always_inline int kpr_nat_entries(const struct kpr_pkt *orig,
 	k.dport = f->be_port;
 	na.addr = f->snat_addr;
 	na.port = f->snat_port;
-	return snat.update(&k, &na);
+	return ho ? kpr_ho_put_nat(&k, KPR_HO_SNAT, &na) : snat.update(&k, &na);
+}
+
+/* Remove a half-open flow's entries (its handshake completed; `orig` is the
+ * client's packet, `f` its translation). */
+/* Point tuple `k` (its proto and padding set by the caller) at one flow direction. */
+static __always_inline void kpr_tuple_set(struct kpr_tuple *k, const union kpr_addr *saddr,
+					  const union kpr_addr *daddr, __be16 sport,
+					  __be16 dport)
+{
+	k->saddr = *saddr;
+	k->daddr = *daddr;
+	k->sport = sport;
+	k->dport = dport;
+}
+
+static __always_inline void kpr_ho_forget(const struct kpr_pkt *orig, const struct kpr_fwd *f)
+{
+	struct kpr_tuple k = {};
+
+	k.proto = orig->proto;
+	kpr_tuple_set(&k, &orig->saddr, &orig->daddr, orig->sport, orig->dport);
+	kpr_ho_del(&k, KPR_HO_CT);
+	kpr_tuple_set(&k, &f->be_addr, &orig->saddr, f->be_port, orig->sport);
+	kpr_ho_del(&k, KPR_HO_REVNAT);
+	if (kpr_addr_is_zero(&f->snat_addr))
+		return;
+	kpr_tuple_set(&k, &f->be_addr, &f->snat_addr, f->be_port, f->snat_port);
+	kpr_ho_del(&k, KPR_HO_UNSNAT);
+	kpr_tuple_set(&k, &orig->saddr, &f->be_addr, orig->sport, f->be_port);
+	kpr_ho_del(&k, KPR_HO_SNAT);
 }
 
 /* Pick the masquerade port for a new flow: the client's own if the reply tuple
  * (backend -> snat_addr:port) is free or already this client's, else random ones.
- * The unsnat insert (BPF_NOEXIST) claims the port against a concurrent flow on
- * another CPU. Returns 0 with f->snat_* set, or -1 when every try was taken. */
+ * The insert (BPF_NOEXIST) claims the port against a concurrent flow on another
+ * CPU: in unsnat, or in half_open for a half-open flow (`ho`); a port is free only
+ * when neither holds it. Returns 0 with f->snat_* set, or -1 when every try was
+ * taken. */
 static __always_inline int kpr_snat_port(const struct kpr_pkt *p, struct kpr_fwd *f,
-					 const union kpr_addr *snat_addr)
+					 const union kpr_addr *snat_addr, int ho)
 {
 	struct kpr_tuple k = {};
 	struct kpr_nat_addr client = {};
 	struct kpr_nat_addr *cur;
+	struct kpr_ho_scratch *s = kpr_ho_scratch();
+	union kpr_ho_value *hc;
 	__u16 port = bpf_ntohs(p->sport);
 	int i;
+
+	if (!s)
+		return -1;
 
 	k.saddr = f->be_addr;
 	k.daddr = *snat_addr;
@@ -125,8 +221,18 @@ static __always_inline int kpr_snat_port(const struct kpr_pkt *p, struct kpr_fwd
 		cur = unsnat.lookup(&k);
 		if (cur && kpr_addr_eq(&cur->addr, &client.addr) && cur->port == client.port)
 			goto found;
-		if (!cur && unsnat.insert(&k, &client) == 0)
+		kpr_ho_key(&k, KPR_HO_UNSNAT, &s->k);
+		hc = half_open.lookup(&s->k);
+		if (hc && kpr_addr_eq(&hc->nat.addr, &client.addr) && hc->nat.port == client.port)
 			goto found;
+		if (!cur && !hc) {
+			if (!ho && unsnat.insert(&k, &client) == 0)
+				goto found;
+			__builtin_memset(&s->v, 0, sizeof(s->v));
+			s->v.nat = client;
+			if (ho && half_open.insert(&s->k, &s->v) == 0)
+				goto found;
+		}
 		port = KPR_SNAT_PORT_MIN +
 		       bpf_get_prandom_u32() % (65536 - KPR_SNAT_PORT_MIN);
 	}
@@ -172,6 +278,26 @@ static __always_inline int kpr_ct_owner(const union kpr_addr *client, __be16 cpo
 	if (now - ct->last_seen > KPR_CT_REFRESH)
 		ct->last_seen = now;
 	return 1;
+}
+
+/* The backend closed its side: a FIN on its way to the client (`fe`: the flow's
+ * frontend, from revnat). Ingress sets CLOSING on the client's FIN; the two
+ * read-modify-writes of the __u16 flags may race on two CPUs (BPF has no 16-bit
+ * atomics), and the one lost leaves the flow its longer, close-wait lifetime. */
+static __always_inline void kpr_ct_fin_reply(const union kpr_addr *client, __be16 cport,
+					     const struct kpr_nat_addr *fe)
+{
+	struct kpr_tuple k = {};
+	struct kpr_ct_value *ct;
+
+	k.saddr = *client;
+	k.daddr = fe->addr;
+	k.sport = cport;
+	k.dport = fe->port;
+	k.proto = IPPROTO_TCP;
+	ct = conntrack.lookup(&k);
+	if (ct && !(ct->flags & KPR_CT_F_FIN_REPLY))
+		ct->flags |= KPR_CT_F_FIN_REPLY;
 }
 
 /* Remove an ended flow's reply-side entries: revnat (backend -> client), and when
@@ -228,7 +354,7 @@ static __always_inline void kpr_ct_touch(struct kpr_ct_value *ct, const struct k
 			     (p->tcp_flags & KPR_TCP_RST ? KPR_CT_F_RST : 0);
 	if (now - ct->last_seen > KPR_CT_REFRESH) {
 		ct->last_seen = now;
-		kpr_nat_entries(p, f);
+		kpr_nat_entries(p, f, 0);
 	}
 }
 

@@ -220,18 +220,143 @@ static __always_inline __u64 kpr_now(void)
 #endif
 }
 
+/* A flow the previous layout's programs opened after the upgrade copied their
+ * conntrack (layouts.Upgrade; slot KPR_PREV_IMPORT): converted as the controller
+ * converts (that layout's nanosecond stamps by age, its CLOSING as CLOSING|RST, the
+ * carried backends' generation 1) and written into conntrack. NULL when no upgrade
+ * is under way or the flow is not there either. */
+static __always_inline struct kpr_ct_value *kpr_ct_import(struct kpr_tuple *key, __u64 now)
+{
+	__u32 slot = KPR_PREV_IMPORT;
+	void *prev = ct_prev.lookup(&slot);
+	struct kpr_ct_value *old;
+	struct kpr_ho_scratch *s;
+	__u64 age;
+
+	if (!prev)
+		return NULL;
+	old = bpf_map_lookup_elem(prev, key);
+	if (!old)
+		return NULL;
+	s = kpr_ho_scratch();
+	if (!s)
+		return NULL;
+	s->v.ct = *old;
+	age = bpf_ktime_get_coarse_ns() - old->last_seen;
+#if KPR_HZ
+	age /= 1000000000ULL / KPR_HZ;
+#endif
+	s->v.ct.last_seen = now > age ? now - age : 0;
+	if (s->v.ct.flags & KPR_CT_F_CLOSING)
+		s->v.ct.flags |= KPR_CT_F_RST; /* v3 marked FIN and RST alike */
+	s->v.ct.backend_gen = 1;
+	/* NOEXIST: the controller's second pass may have written it meanwhile */
+	if (conntrack.insert(key, &s->v.ct))
+		return conntrack.lookup(key);
+	kpr_count(KPR_STAT_CT_IMPORT);
+	return conntrack.lookup(key);
+}
+
+/* Whether another build's programs may be running beside these (see lb_state). */
+static __always_inline int kpr_coexist(void)
+{
+	__u32 zero = 0;
+	__u32 *st = lb_state.lookup(&zero);
+
+	return st && (*st & KPR_STATE_F_COEXIST);
+}
+
+/* During a rollback export (layouts.export_previous): a flow just written into
+ * conntrack goes into the previous layout's too, in its format (its nanosecond
+ * clock, CLOSING its only flag, no generation), so the older kpr adopts it with
+ * the flows the controller copied. */
+static __always_inline void kpr_ct_export(const struct kpr_tuple *key,
+					  const struct kpr_ct_value *ct)
+{
+	__u32 slot = KPR_PREV_EXPORT;
+	void *prev = ct_prev.lookup(&slot);
+	struct kpr_ho_scratch *s;
+
+	if (!prev)
+		return;
+	s = kpr_ho_scratch();
+	if (!s)
+		return;
+	s->v.ct = *ct;
+	s->v.ct.last_seen = bpf_ktime_get_coarse_ns();
+	s->v.ct.flags &= KPR_CT_F_CLOSING;
+	s->v.ct.backend_gen = 0; /* padding in that layout */
+	if (bpf_map_update_elem(prev, (void *)key, &s->v.ct, BPF_ANY) == 0)
+		kpr_count(KPR_STAT_CT_EXPORT);
+}
+
+/* A half-open flow's packet (see struct kpr_ho_key): its backend from half_open.
+ * The client's first packet without SYN (the handshake's ACK, or an RST) completes
+ * it: its entries move to conntrack and the main reply-side maps. Returns
+ * KPR_CT_HIT with *f filled, or KPR_CT_NEW. */
+static __always_inline int kpr_ho_forward(const struct kpr_pkt *p, struct kpr_tuple *key,
+					  __u64 now, struct kpr_fwd *f)
+{
+	union kpr_ho_value *hv = kpr_ho_get(key, KPR_HO_CT);
+	struct kpr_ct_value ct;
+	struct kpr_backend *be;
+
+	if (!hv || now - hv->ct.last_seen > KPR_CT_LIFETIME_SYN)
+		return KPR_CT_NEW;
+	if (hv->ct.flags & (KPR_CT_F_EXTERN | KPR_CT_F_HOLD)) /* being handed to netfilter */
+		return hv->ct.flags & KPR_CT_F_HOLD ? KPR_CT_HOLD : KPR_CT_PASS;
+	be = kpr_flow_backend(hv->ct.backend_id, hv->ct.backend_gen, p->proto);
+	if (!be) {
+		kpr_count(KPR_STAT_CT_STALE);
+		return KPR_CT_NEW;
+	}
+	f->be_addr = be->addr;
+	f->be_port = be->port;
+	f->snat_addr = hv->ct.snat_addr;
+	f->snat_port = hv->ct.snat_port;
+	kpr_count(KPR_STAT_CT_HIT);
+	if (p->tcp_flags & KPR_TCP_SYN)
+		return KPR_CT_HIT; /* the SYN again: still half-open */
+	ct = hv->ct;
+	ct.last_seen = now;
+	if (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST))
+		ct.flags |= KPR_CT_F_CLOSING | (p->tcp_flags & KPR_TCP_RST ? KPR_CT_F_RST : 0);
+	if (conntrack.update(key, &ct) || kpr_nat_entries(p, f, 0)) {
+		kpr_count(KPR_STAT_CT_FULL);
+		return KPR_CT_HIT; /* its half-open entries still carry it */
+	}
+	kpr_ct_export(key, &ct); /* before kpr_ho_forget: both use the scratch */
+	kpr_ho_forget(p, f);
+	kpr_count(KPR_STAT_CT_PROMOTE);
+	return KPR_CT_HIT;
+}
+
 /* An established flow: its own backend, if its conntrack entry is live and the
- * backend still exists. Fills *f and returns 1; returns 0 for a packet that needs
- * a new choice. `key` is the packet's tuple (its conntrack key). The service's
- * policy is not consulted: it decided when the flow began. */
+ * backend still exists. Fills *f and returns KPR_CT_HIT; KPR_CT_NEW for a packet
+ * that needs a new choice; KPR_CT_PASS for a flow netfilter translates and
+ * KPR_CT_HOLD for one being handed over (a datapath switch). `key` is the packet's tuple (its conntrack key). The
+ * service's policy is not consulted: it decided when the flow began. */
 static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tuple *key,
 					  __u64 now, struct kpr_fwd *f)
 {
 	struct kpr_ct_value *ct = conntrack.lookup(key);
 	struct kpr_backend *be;
+	int ho;
 
+	if (!ct)
+		ct = kpr_ct_import(key, now);
+
+	/* No entry, or a closed one whose tuple a new connection may be reusing:
+	 * the flow may be half-open (an established flow's packet never looks) */
+	if (p->proto == IPPROTO_TCP && (!ct || (ct->flags & KPR_CT_F_CLOSING))) {
+		ho = kpr_ho_forward(p, key, now, f);
+		if (ho != KPR_CT_NEW)
+			return ho;
+	}
 	if (!ct || !kpr_ct_usable(ct, p, now))
-		return 0;
+		return KPR_CT_NEW;
+	if (ct->flags & (KPR_CT_F_EXTERN | KPR_CT_F_HOLD))
+		return ct->flags & KPR_CT_F_HOLD ? KPR_CT_HOLD : KPR_CT_PASS;
 	be = kpr_flow_backend(ct->backend_id, ct->backend_gen, p->proto);
 	if (!be) {
 		/* Its backend stopped serving (datagram flows) or its id has another
@@ -239,7 +364,7 @@ static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tu
 		 * TCP flow, whose backend left long ago, gets one that answers with
 		 * RST, so it fails fast, never hangs. */
 		kpr_count(KPR_STAT_CT_STALE);
-		return 0;
+		return KPR_CT_NEW;
 	}
 	kpr_count(KPR_STAT_CT_HIT);
 	f->be_addr = be->addr;
@@ -247,7 +372,19 @@ static __always_inline int kpr_ct_forward(const struct kpr_pkt *p, struct kpr_tu
 	f->snat_addr = ct->snat_addr;
 	f->snat_port = ct->snat_port;
 	kpr_ct_touch(ct, p, f, now);
-	return 1;
+	return KPR_CT_HIT;
+}
+
+/* During a datapath switch: is a packet without a conntrack entry netfilter's (see
+ * KPR_SVC_F_PASS_NEW and KPR_SVC_F_SYN_ONLY)? */
+static __always_inline int kpr_handover_pass(const struct kpr_svc_value *svc,
+					     const struct kpr_pkt *p)
+{
+	if (svc->flags & KPR_SVC_F_PASS_NEW)
+		return 1;
+	return (svc->flags & KPR_SVC_F_SYN_ONLY) &&
+	       (p->proto != IPPROTO_TCP ||
+		(p->tcp_flags & (KPR_TCP_SYN | KPR_TCP_ACK)) != KPR_TCP_SYN);
 }
 
 /* A new flow's backend: affinity, Maglev or random, masqueraded if `masq` or
@@ -263,6 +400,11 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	struct kpr_backend *be = NULL;
 	__u32 backend_id = 0;
 	__u32 backend_gen;
+	/* a SYN opens a half-open flow, kept apart until its handshake completes;
+	 * not while another build's programs may see its other packets (lb_state) */
+	int ho = p->proto == IPPROTO_TCP &&
+		 (p->tcp_flags & (KPR_TCP_SYN | KPR_TCP_ACK)) == KPR_TCP_SYN &&
+		 !kpr_coexist();
 
 	if (svc->flags & KPR_SVC_F_AFFINITY)
 		be = kpr_affinity_get(p, svc, now, &backend_id);
@@ -281,7 +423,7 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	if ((masq || kpr_addr_eq(&f->be_addr, &p->saddr)) && cfg) {
 		const union kpr_addr *snat_addr = p->family == 4 ? &cfg->snat4 : &cfg->snat6;
 
-		if (!kpr_addr_is_zero(snat_addr) && kpr_snat_port(p, f, snat_addr) < 0)
+		if (!kpr_addr_is_zero(snat_addr) && kpr_snat_port(p, f, snat_addr, ho) < 0)
 			return KPR_LB_NO_PORT;
 	}
 	fresh.last_seen = now;
@@ -293,8 +435,21 @@ static __always_inline int kpr_lb_backend(const struct kpr_pkt *p,
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (KPR_TCP_FIN | KPR_TCP_RST)))
 		fresh.flags = KPR_CT_F_CLOSING |
 			      (p->tcp_flags & KPR_TCP_RST ? KPR_CT_F_RST : 0);
-	if (conntrack.update(key, &fresh) || kpr_nat_entries(p, f))
+	if (ho) {
+		struct kpr_ho_scratch *s = kpr_ho_scratch();
+
+		if (!s)
+			return KPR_LB_NO_PORT; /* never: a one-entry per-CPU array */
+		kpr_ho_key(key, KPR_HO_CT, &s->k);
+		s->v.ct = fresh;
+		if (half_open.update(&s->k, &s->v) || kpr_nat_entries(p, f, 1))
+			kpr_count(KPR_STAT_CT_FULL);
+		kpr_count(KPR_STAT_CT_HALF_OPEN);
+	} else if (conntrack.update(key, &fresh) || kpr_nat_entries(p, f, 0)) {
 		kpr_count(KPR_STAT_CT_FULL);
+	} else {
+		kpr_ct_export(key, &fresh);
+	}
 	kpr_count(KPR_STAT_NEW_FLOW);
 	return KPR_LB_OK;
 }

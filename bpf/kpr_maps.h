@@ -39,6 +39,34 @@ BPF_TABLE_PINNED("hash", __u32, struct kpr_maglev, maglev, KPR_MAX_MAGLEV,
 BPF_TABLE_PINNED("lru_hash", struct kpr_tuple, struct kpr_ct_value, conntrack, KPR_MAX_CT,
 		 KPR_PIN(conntrack));
 
+/* This load's own state, KPR_STATE_F_* (one entry; never pinned, so a new load
+ * starts from 0). COEXIST is set from the load until every interface has these
+ * programs, and again at a stop: meanwhile another build's programs may handle
+ * some packets of a flow (an interface not yet swapped, the build that takes over
+ * after a stop), and a build without the half-open table (v4 before it, v3) would
+ * miss a SYN's entries there; so a SYN goes into the tables every build reads. */
+BPF_ARRAY(lb_state, __u32, 1);
+
+/* The previous layout's conntrack during a change of layout (same key and value
+ * size; that layout's clock and meanings, see controller/datapaths/ebpf/layouts.py):
+ * slot KPR_PREV_IMPORT while an upgrade is under way, so a flow the old programs
+ * opened after the controller copied their table is still found; slot
+ * KPR_PREV_EXPORT while a rollback export is under way, so every flow opened until
+ * the older kpr's programs take over is written there too. Never pinned: each load
+ * starts with both slots empty. ct_prev_tmpl only gives the inner maps' type (the
+ * kernel compares type, key, value and flags, not the capacity, for a hash). */
+BPF_TABLE("lru_hash", struct kpr_tuple, struct kpr_ct_value, ct_prev_tmpl, 64);
+BPF_ARRAY_OF_MAPS(ct_prev, "ct_prev_tmpl", 2);
+
+/* half-open TCP flows (a SYN, no completed handshake): their conntrack and
+ * reply-side entries, apart from established flows' (see struct kpr_ho_key) */
+BPF_TABLE_PINNED("lru_hash", struct kpr_ho_key, union kpr_ho_value, half_open,
+		 KPR_MAX_HALF_OPEN, KPR_PIN(half_open));
+
+/* per-CPU scratch for the half-open path (struct kpr_ho_scratch); never pinned:
+ * nothing in it outlives a packet */
+BPF_PERCPU_ARRAY(ho_scratch, struct kpr_ho_scratch, 1);
+
 /* reply tuple (backend -> client) -> frontend to restore as the reply's source */
 BPF_TABLE_PINNED("lru_hash", struct kpr_tuple, struct kpr_nat_addr, revnat, KPR_MAX_CT,
 		 KPR_PIN(revnat));

@@ -88,6 +88,20 @@ struct kpr_ct_value {
 	__u32 backend_gen;        /* the backend's kpr_backend.gen when the flow chose it */
 };
 
+/* half_open key: one entry of a half-open TCP flow, a kpr_tuple with its kind in
+ * what is padding there. Half-open flows live in a table of their own until their
+ * handshake completes, so a SYN flood evicts only other half-open flows, never an
+ * established flow's entries. */
+struct kpr_ho_key {
+	union kpr_addr saddr; /* as the kpr_tuple of the entry it stands for */
+	union kpr_addr daddr; /* ditto */
+	__be16 sport;         /* ditto, network order */
+	__be16 dport;         /* ditto, network order */
+	__u8 proto;           /* IPPROTO_TCP */
+	__u8 kind;            /* KPR_HO_* */
+	__u8 pad[2];          /* explicit padding, always 0 */
+};
+
 /* An address and port: revnat value (egress: the frontend to write back into a
  * reply's source), snat value (egress: the source to give a masqueraded flow) and
  * unsnat value (ingress: the client to give back a reply's destination). */
@@ -102,6 +116,21 @@ struct kpr_nat_addr {
 struct kpr_member_key {
 	__u32 svc_id;     /* kpr_svc_value.svc_id */
 	__u32 backend_id; /* index into backends */
+};
+
+/* half_open value, by kpr_ho_key.kind (a union: the BPF stack of 512 bytes holds
+ * a few of these on the SYN path). */
+union kpr_ho_value {
+	struct kpr_ct_value ct;  /* KPR_HO_CT: the flow's conntrack value, moved to
+				  * conntrack when the handshake completes */
+	struct kpr_nat_addr nat; /* the other kinds: the revnat, snat or unsnat value */
+};
+
+/* ho_scratch value: per-CPU room for a half_open key and value under construction
+ * (the BPF stack's 512 bytes cannot hold them beside the rest of kpr_ingress). */
+struct kpr_ho_scratch {
+	struct kpr_ho_key k;   /* a key being built or looked up */
+	union kpr_ho_value v;  /* a value being built */
 };
 
 /* affinity key: one client of one ClientIP-affinity service. */

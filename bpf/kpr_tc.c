@@ -98,6 +98,13 @@ int kpr_ingress(struct __sk_buff *skb)
 	 * An entry made for an earlier masquerade address is skipped too: its replies
 	 * go to an address the node no longer masquerades with. */
 	if (cfg && kpr_addr_eq(&p.daddr, p.family == 4 ? &cfg->snat4 : &cfg->snat6)) {
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & KPR_TCP_SYN)) {
+			/* a SYN-ACK: its flow may be half-open */
+			union kpr_ho_value *hv = kpr_ho_get(&t, KPR_HO_UNSNAT);
+
+			if (hv)
+				return kpr_apply(skb, &p, 1, &hv->nat, KPR_STAT_UNSNAT);
+		}
 		na = unsnat.lookup(&t);
 		if (na)
 			return kpr_apply(skb, &p, 1, na, KPR_STAT_UNSNAT);
@@ -113,7 +120,20 @@ int kpr_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	now = kpr_now();
-	if (!kpr_ct_forward(&p, &t, now, &f)) {
+	switch (kpr_ct_forward(&p, &t, now, &f)) {
+	case KPR_CT_HIT:
+		break;
+	case KPR_CT_PASS:
+		kpr_count(KPR_STAT_CT_EXTERN);
+		return TC_ACT_OK;
+	case KPR_CT_HOLD:
+		kpr_count(KPR_STAT_CT_HOLD);
+		return TC_ACT_SHOT;
+	default:
+		if (kpr_handover_pass(svc, &p)) {
+			kpr_count(KPR_STAT_CT_EXTERN);
+			return TC_ACT_OK;
+		}
 		masq = kpr_policy(&p, &k, &svc, cfg);
 		switch (kpr_lb_backend(&p, &t, svc, masq, cfg, now, &f)) {
 		case KPR_LB_OK:
@@ -149,6 +169,18 @@ int kpr_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	kpr_tuple_from_pkt(&p, &t);
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & KPR_TCP_SYN)) {
+		/* A SYN (client -> backend) or SYN-ACK (backend -> client): its flow may
+		 * be half-open, and then its entries are in half_open alone. Looked up
+		 * first: a main entry on the tuple is an earlier flow's. */
+		union kpr_ho_value *hv = kpr_ho_get(&t, KPR_HO_SNAT);
+
+		if (hv)
+			return kpr_apply(skb, &p, 0, &hv->nat, KPR_STAT_SNAT);
+		hv = kpr_ho_get(&t, KPR_HO_REVNAT);
+		if (hv)
+			return kpr_apply(skb, &p, 0, &hv->nat, KPR_STAT_REVNAT);
+	}
 	na = snat.lookup(&t);
 	if (na) {
 		/* client -> backend: its flow's frontend is in the revnat entry; without
@@ -178,5 +210,7 @@ int kpr_egress(struct __sk_buff *skb)
 		kpr_ct_reclaim(&p.saddr, p.sport, &p.daddr, p.dport, p.proto);
 		return TC_ACT_OK;
 	}
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & KPR_TCP_FIN))
+		kpr_ct_fin_reply(&p.daddr, p.dport, na);
 	return kpr_apply(skb, &p, 0, na, KPR_STAT_REVNAT);
 }

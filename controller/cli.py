@@ -59,9 +59,20 @@ def _ebpf_config(cfg: Any, netns: str | None = None) -> Any:
                       masquerade_all=cfg.masquerade_all,
                       masquerade_address=cfg.masquerade_address,
                       lb_algorithm=cfg.lb_algorithm, cgroup=cgroup,
+                      rollback_export=True, takeover=True,
+                      classic_rules=_classic_installed(netns),
                       timeouts=Timeouts(
                           tcp_established=max(1, round(cfg.conntrack_tcp_established)),
                           tcp_close_wait=max(1, round(cfg.conntrack_tcp_close_wait))))
+
+
+def _classic_installed(netns: str | None) -> bool:
+    """Whether any classic datapath's rules are in place (a switch to eBPF)."""
+    from controller.datapaths.iptables.datapath import installed as ipt
+    from controller.datapaths.ipvs.datapath import installed as ipvs
+    from controller.datapaths.nftables.datapath import installed as nft
+
+    return nft(netns) or ipt(netns) or ipvs(netns)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -133,6 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (KernelHeadersError, DatapathError, OSError) as e:
         log.error("cannot start the %s datapath: %s", dp.name, e)
         return 1
+    hooks = _hold_tc_hooks(cfg, dp)
     health = ProxyHealth(timeout=2 * cfg.sync_period)
     metrics = Metrics(tracker, dp, health)
     servers = []
@@ -160,6 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not switched.is_set():
             switched.set()
             _remove_other_datapaths(cfg, dp)
+            after = getattr(dp, "after_switch", None)
+            if after is not None:
+                after()
 
     proxier = Proxier(dp, tracker, full_sync_interval=cfg.full_sync_period, observer=metrics,
                       listeners=[hc.update, after_first_sync])
@@ -219,8 +234,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         for srv in servers:
             srv.close()
         hc.close()
+        if hooks is not None:
+            hooks.stop()
         if cfg.cleanup_on_exit:
             dp.cleanup()
+            if hooks is not None:
+                from controller.datapaths.ebpf import tc
+
+                tc.detach_all(prefix=f"{tc.NAME_PREFIX}{cfg.instance}/", keep_qdisc=False)
             log.info("removed programs, filters and maps (cleanupOnExit)")
         else:
             dp.close()
@@ -289,6 +310,27 @@ def _select_datapath(cfg: Any) -> Any:
     return None
 
 
+def _hold_tc_hooks(cfg: Any, dp: Any) -> Any:
+    """A classic mode keeps an empty clsact qdisc on the links the eBPF programs
+    would attach to, created as each link appears: a later switch to eBPF then
+    only adds filters, where grafting the qdisc under traffic would drop what the
+    link sends for a moment (tc.py's module docstring). None for eBPF (its
+    attacher does this) or when tc is unusable here (logged; a switch to eBPF
+    still works, at the cost of that moment)."""
+    if dp.name == "ebpf" or not cfg.interfaces:
+        return None
+    from controller.datapaths.ebpf import tc
+
+    hooks = tc.TcAttacher(list(cfg.interfaces), None, None, cfg.instance)
+    try:
+        hooks.start()
+    except Exception as e:  # noqa: BLE001 - pyroute2 raises its own and OSError
+        log.warning("cannot hold clsact qdiscs on %s: %s", ",".join(cfg.interfaces), e)
+        hooks.stop()
+        return None
+    return hooks
+
+
 def _remove_other_datapaths(cfg: Any, dp: Any) -> None:
     """Switching datapath leaves nothing of the previous one: remove what every other
     datapath may have installed (in this network namespace and pin directory)."""
@@ -296,7 +338,18 @@ def _remove_other_datapaths(cfg: Any, dp: Any) -> None:
     if keep != "ebpf":
         from controller.datapaths.ebpf.datapath import cleanup as ebpf_cleanup
 
-        if ebpf_cleanup(Path(cfg.bpffs_root) / cfg.instance):
+        pin_dir = Path(cfg.bpffs_root) / cfg.instance
+        if keep in ("nftables", "iptables", "ipvs") and pin_dir.exists():
+            # netfilter translates with conntrack: it gets every BPF flow, with its
+            # NAT, before the programs go (handover.py); IPVS never sees them (the
+            # NAT happens at PREROUTING, before the Service address is local)
+            from controller import kernel
+            from controller.datapaths.ebpf import handover
+
+            handover.to_netfilter(pin_dir, kernel.clock_hz(), handover.Lifetimes(
+                tcp=max(1, round(cfg.conntrack_tcp_established)),
+                close_wait=max(1, round(cfg.conntrack_tcp_close_wait))))
+        if ebpf_cleanup(pin_dir):
             log.info("removed the eBPF datapath's filters and maps (switched to %s)", keep)
     if keep != "nftables":
         from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
@@ -326,7 +379,8 @@ def _cleanup_all(cfg: Any) -> int:
 
     from controller.datapaths.ipvs.datapath import cleanup as ipvs_cleanup
 
-    removed = cleanup(Path(cfg.bpffs_root)) + nft_cleanup() + ipt_cleanup() + ipvs_cleanup()
+    removed = (cleanup(Path(cfg.bpffs_root), keep_qdisc=False) + nft_cleanup() + ipt_cleanup()
+               + ipvs_cleanup())
     print(f"kpr cleanup: removed {removed} object(s)")
     return 0
 
@@ -436,7 +490,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     root = Path(args.bpffs_root)
     if args.instance:
-        removed = tc.detach_all(prefix=f"{tc.NAME_PREFIX}{args.instance}/")
+        removed = tc.detach_all(prefix=f"{tc.NAME_PREFIX}{args.instance}/", keep_qdisc=False)
         pin = root / args.instance
         if pin.exists():
             import shutil
@@ -445,7 +499,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # the last instance is gone
     else:
-        removed = cleanup(root)
+        removed = cleanup(root, keep_qdisc=False)
     from controller.datapaths.nftables.datapath import cleanup as nft_cleanup
 
     from controller.datapaths.iptables.datapath import cleanup as ipt_cleanup

@@ -68,13 +68,25 @@ def _package_headers(src: Path = Path("/usr/src")) -> tuple[Path, Path] | None:
     return best
 
 
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename a finished tree into place. Two processes preparing it at once (the
+    first start of kpr beside a test run) both finish; the second's rename then
+    fails on the first's tree (ENOTEMPTY), which is as good as its own."""
+    try:
+        tmp.rename(dest)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (dest / "include").is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build_farm(arch_dir: Path, common_dir: Path, dest: Path) -> None:
     """Merge two header trees into ``dest`` as symlinks, atomically."""
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
         subprocess.run(["cp", "-rs", f"{common_dir}/.", str(tmp)], check=True)
         subprocess.run(["cp", "-rsf", f"{arch_dir}/.", str(tmp)], check=True)
-        tmp.rename(dest)
+        _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -96,7 +108,7 @@ def resolve_headers(cache_dir: Path | None = None) -> Headers:
             tmp = Path(tempfile.mkdtemp(prefix="kheaders.", dir=cache_dir))
             with tarfile.open(kheaders) as tf:
                 tf.extractall(tmp, filter="data")
-            tmp.rename(dest)
+            _publish(tmp, dest)
         return Headers(dest, "kheaders")
 
     pair = _package_headers()
@@ -238,7 +250,11 @@ class MapInfo(ct.Structure):
 
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
                 ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
-                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16)]
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+                ("ifindex", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64),
+                ("btf_id", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32)]
 
 
 class _LinkCreateAttr(ct.Structure):
@@ -319,7 +335,9 @@ def _config_hz() -> int:
     return 0
 
 
-def _jiffies() -> int | None:
+def jiffies() -> int | None:
+    """The kernel's jiffies counter now (bpf_jiffies64's clock), from /proc/timer_list;
+    None when unreadable."""
     try:
         with open("/proc/timer_list") as f:
             for line in f:
@@ -333,9 +351,9 @@ def _jiffies() -> int | None:
 def _measured_hz(span: float = 0.2) -> int:
     import time
 
-    t0, j0 = time.monotonic(), _jiffies()
+    t0, j0 = time.monotonic(), jiffies()
     time.sleep(span)
-    t1, j1 = time.monotonic(), _jiffies()
+    t1, j1 = time.monotonic(), jiffies()
     if j0 is None or j1 is None or t1 <= t0:
         return 0
     rate = (j1 - j0) / (t1 - t0)
@@ -379,6 +397,98 @@ def map_info(fd: int) -> MapInfo:
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
                                               info=ct.addressof(info)))
     return info
+
+
+BPF_MAP_CREATE = 0
+BPF_PROG_GET_NEXT_ID = 11
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_BTF_GET_FD_BY_ID = 19
+
+
+class _IdAttr(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+class _ProgInfo(ct.Structure):
+    """The head of struct bpf_prog_info, up to map_ids and name."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16)]
+
+
+def maps_in_use() -> set[int]:
+    """The ids of every map some loaded program uses (every program of the kernel,
+    whoever loaded it: the ids are global, so a pin directory's maps can be checked
+    against them whichever namespace attached the programs)."""
+    used: set[int] = set()
+    attr = _IdAttr()
+    while _raw(BPF_PROG_GET_NEXT_ID, attr) == 0:
+        attr.id = attr.next_id
+        try:
+            fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=attr.next_id))
+        except OSError:
+            continue  # unloaded meanwhile
+        try:
+            ids = (ct.c_uint32 * 64)()
+            info = _ProgInfo(nr_map_ids=64, map_ids=ct.addressof(ids))
+            sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
+                                                      info=ct.addressof(info)))
+            used.update(ids[:min(info.nr_map_ids, 64)])
+        finally:
+            os.close(fd)
+    return used
+
+
+class _MapCreateNamed(ct.Structure):
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("numa_node", ct.c_uint32), ("map_name", ct.c_char * 16),
+                ("map_ifindex", ct.c_uint32), ("btf_fd", ct.c_uint32),
+                ("btf_key_type_id", ct.c_uint32), ("btf_value_type_id", ct.c_uint32),
+                ("pad", ct.c_uint32 * 4)]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    """BPF_MAP_CREATE; returns the new map's fd. ``name``: its kernel name (15
+    characters at most are kept, as bcc and libbpf do)."""
+    return sys_bpf(BPF_MAP_CREATE, _MapCreateNamed(
+        map_type=map_type, key_size=key_size, value_size=value_size,
+        max_entries=max_entries, map_flags=flags, map_name=name.encode()[:15]))
+
+
+def map_create_like(fd: int, max_entries: int, name: str = "") -> int:
+    """A new map like the open map ``fd`` (type, key, value, flags, and its BTF key
+    and value types), with room for ``max_entries``; returns its fd.
+
+    The BTF matters where the new map goes into a map-in-map slot whose template bcc
+    created: kernels before 6.2 compare the inner map's timer_off, which is -ENOENT
+    for a map with a BTF value type that has no timer and -EINVAL for one without
+    BTF, so a BTF-less map is refused (EINVAL) on Debian 12's 6.1."""
+    info = map_info(fd)
+    attr = _MapCreateNamed(map_type=info.type, key_size=info.key_size,
+                           value_size=info.value_size, max_entries=max_entries,
+                           map_flags=info.map_flags, map_name=name.encode()[:15])
+    btf = -1
+    if info.btf_id:
+        try:
+            btf = sys_bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(id=info.btf_id))
+        except OSError as e:
+            log.debug("map %s: its BTF %d cannot be opened (%s); created without",
+                      name, info.btf_id, e)
+    if btf >= 0:
+        attr.btf_fd, attr.btf_key_type_id = btf, info.btf_key_type_id
+        attr.btf_value_type_id = info.btf_value_type_id
+    try:
+        return sys_bpf(BPF_MAP_CREATE, attr)
+    finally:
+        if btf >= 0:
+            os.close(btf)
 
 
 def pinned_map_info(path: Path) -> MapInfo | None:
@@ -451,3 +561,30 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
                         repeat=repeat)
     sys_bpf(BPF_PROG_TEST_RUN, attr)
     return TestRun(attr.retval, outb.raw[: attr.data_size_out], attr.duration)
+
+
+class TestRunner:
+    """BPF_PROG_TEST_RUN over many variants of one packet, without a Python object
+    per run: the input buffer is patched in place (``patch``) between runs. For
+    floods of synthetic packets in tests (a million SYNs take seconds)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, prog_fd: int, packet: bytes) -> None:
+        self.inb = ct.create_string_buffer(packet, len(packet))
+        self.size = len(packet) + 256
+        self.outb = ct.create_string_buffer(self.size)
+        self.attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(packet),
+                                 data_in=ct.addressof(self.inb),
+                                 data_out=ct.addressof(self.outb), repeat=1)
+
+    def patch(self, offset: int, raw: bytes) -> None:
+        ct.memmove(ct.addressof(self.inb) + offset, raw, len(raw))
+
+    def run(self) -> int:
+        """One run of the current packet; its verdict."""
+        self.attr.data_size_out = self.size
+        if _raw(BPF_PROG_TEST_RUN, self.attr) != 0:
+            e = ct.get_errno()
+            raise OSError(e, os.strerror(e))
+        return int(self.attr.retval)

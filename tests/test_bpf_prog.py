@@ -519,3 +519,296 @@ def test_established_flows_under_either_flow_clock(clock_hz: int | None) -> None
         assert d.stats()["new_flow"] == before["new_flow"] + 1
     finally:
         d.cleanup()
+
+
+def test_a_syn_flood_larger_than_conntrack_evicts_no_established_flow() -> None:
+    """1,000,000 SYNs from spoofed sources (as a flood sends them: no handshake ever
+    completes) beside 200 established flows that each send one packet, and get one
+    reply, per 10,000 SYNs. conntrack holds 4,096 flows: under one table the flood
+    would evict every established flow 244 times over. Half-open flows live in
+    half_open (also 4,096) until their handshake completes, so not one established
+    packet is lost: each keeps its backend and each reply its frontend."""
+    import random
+
+    from controller.datapaths.ebpf.loader import MapSizes
+    from controller.kernel import TestRunner
+
+    vip = "10.96.0.100"
+    d = new_datapath(sizes=MapSizes(conntrack=4096, half_open=4096))
+    d.load()
+    try:
+        d.sync(State([entry(vip, 80, Protocol.TCP, [(f"10.244.1.{i}", 8080)
+                                                   for i in range(1, 9)])]), None)
+        flows: list[tuple[str, int, str]] = []
+        for i in range(200):
+            cli, port = f"10.244.2.{i % 250 + 1}", 20000 + i
+            be = parse(ingress(d, frame(cli, vip, port, 80, TCP))[1]).dst  # SYN
+            egress(d, frame(be, cli, 8080, port, TCP, flags=0x12))          # SYN-ACK
+            assert parse(ingress(d, frame(cli, vip, port, 80, TCP, flags=0x10))[1]).dst == be
+            flows.append((cli, port, be))
+        before = d.stats()
+        assert before["ct_promote"] >= 200
+        flood = TestRunner(d.prog_fds["ingress"], frame("10.250.0.1", vip, 1024, 80, TCP))
+        rnd = random.Random(7)
+        lost = 0
+        for burst in range(100):
+            for _ in range(10_000):
+                flood.patch(26, rnd.randbytes(4))  # IPv4 source (14 + 12)
+                flood.patch(34, rnd.randbytes(2))  # TCP source port (14 + 20)
+                assert flood.run() == TC_ACT_OK
+            for cli, port, be in flows:
+                p = parse(ingress(d, frame(cli, vip, port, 80, TCP, flags=0x18))[1])
+                r = parse(egress(d, frame(be, cli, 8080, port, TCP, flags=0x18))[1])
+                lost += (p.dst, p.dport) != (be, 8080) or (r.src, r.sport) != (vip, 80)
+        after = d.stats()
+        print(f"1,000,000 SYNs: {lost} established packets lost; half-open flows "
+              f"{after['ct_half_open'] - before['ct_half_open']}, conntrack hits "
+              f"{after['ct_hit'] - before['ct_hit']}")
+        assert after["ct_half_open"] - before["ct_half_open"] == 1_000_000
+        assert lost == 0
+        assert after["ct_hit"] - before["ct_hit"] == 200 * 100
+    finally:
+        d.cleanup()
+
+
+def test_an_idle_flow_lives_as_long_as_kube_proxys_conntrack_keeps_it() -> None:
+    """Established TCP 24 h (conntrack.tcpEstablishedTimeout), after a FIN 1 h
+    (tcpCloseWaitTimeout), after a FIN each way 2 min (netfilter's TIME_WAIT), UDP
+    60 s: read from each entry's last_seen, moved back in time in the map, not
+    waited for. The backend's FIN is seen on its way back (egress)."""
+    from controller import kernel
+    from controller.datapaths.ebpf.layouts import Clock
+    from controller.datapaths.ebpf.maps import BpfMap
+    from controller.datapaths.ebpf.handover import _CT, _tuple
+
+    vip = "10.96.0.110"
+    d = new_datapath()
+    d.load()
+    try:
+        assert d.bpf is not None
+        d.sync(State([entry(vip, 80, Protocol.TCP, [("10.244.3.1", 8080), ("10.244.3.2", 8080)]),
+                      entry(vip, 53, Protocol.UDP, [("10.244.3.1", 5353), ("10.244.3.2", 5353)])]),
+               None)
+        ctm = BpfMap(d.bpf["conntrack"], "conntrack")
+        hz = kernel.clock_hz()
+
+        def age_by(key: bytes, secs: int) -> None:
+            seen, *rest = _CT.unpack(ctm.lookup(key) or b"")
+            ctm.update([(key, _CT.pack(Clock.of(hz).now - secs * Clock.of(hz).per_sec,
+                                       *rest))])
+
+        cases = [  # (proto, client port, packets to set the state, the backend's, lifetime)
+            (TCP, 40500, [0x02, 0x10], [], 86400),
+            (TCP, 40501, [0x02, 0x10, 0x11], [], 3600),
+            (TCP, 40503, [0x02, 0x10], [0x11], 3600),  # the backend closed first
+            (TCP, 40504, [0x02, 0x10, 0x11], [0x11], 120),
+            (UDP, 40502, [0], [], 60),
+        ]
+        for proto, port, flags, replies, life in cases:
+            dport = 80 if proto == TCP else 53
+            for fl in flags:
+                out = parse(ingress(d, frame(CLIENT, vip, port, dport, proto, flags=fl))[1])
+                be, bport = out.dst, out.dport
+            for fl in replies:
+                back = parse(egress(d, frame(be, CLIENT, bport, port, proto, flags=fl))[1])
+                assert (back.src, back.sport) == (vip, dport)  # reverse-NATed
+            key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port,
+                         dport, proto)
+            ack = 0x10 if proto == TCP else 0
+            for secs, alive in ((life - 30, True), (life + 30, False)):
+                age_by(key, secs)
+                before = d.stats()
+                parse(ingress(d, frame(CLIENT, vip, port, dport, proto, flags=ack))[1])
+                after = d.stats()
+                hit = after["ct_hit"] - before["ct_hit"]
+                assert hit == (1 if alive else 0), (proto, port, life, secs)
+                assert after["new_flow"] - before["new_flow"] == (0 if alive else 1)
+            del be
+    finally:
+        d.cleanup()
+
+
+def _v3_conntrack(d: EbpfDatapath) -> tuple[int, int, int]:
+    """A map of the previous layout's conntrack type (as its kpr creates it): (fd,
+    key size, value size)."""
+    from controller import kernel
+
+    assert d.bpf is not None
+    h = d.bpf["conntrack"]
+    return kernel.map_create(h.map_type, h.key_size, h.value_size, 1024, 0, "conntrack"), \
+        h.key_size, h.value_size
+
+
+def test_an_upgrade_finds_the_flows_the_old_programs_opened_after_the_copy() -> None:
+    """During an upgrade the old layout's conntrack sits in ct_prev's import slot: a
+    flow missing from conntrack (opened by the old programs after the controller's
+    copy) is found there, converted, and keeps its backend from its first packet on
+    the new programs; once the slot is emptied, such a flow is balanced anew."""
+    import ctypes
+    import os
+    import time
+
+    from controller import kernel
+    from controller.datapaths.ebpf import layouts
+    from controller.datapaths.ebpf.handover import _CT, _tuple
+    from controller.datapaths.ebpf.maps import BpfMap
+
+    vip, bes = "10.96.0.120", [("10.244.4.1", 8080), ("10.244.4.2", 8080)]
+    d = new_datapath()
+    d.load()
+    fd = -1
+    try:
+        assert d.bpf is not None and d.maps is not None
+        d.sync(State([entry(vip, 80, Protocol.TCP, bes)]), None)
+        f = Frontend(ipaddress.ip_address(vip), 80, Protocol.TCP)
+        bind = {a: d.maps.binding(f, Backend(ipaddress.ip_address(a), p)) for a, p in bes}
+        bem = BpfMap(d.bpf["backends"], "backends")
+        for b in bind.values():  # as Upgrade.convert carries them: generation 1
+            assert b is not None
+            raw = bytearray(bem.lookup(struct.pack("=I", b[1])) or b"")
+            struct.pack_into("=I", raw, 20, 1)
+            bem.update([(struct.pack("=I", b[1]), bytes(raw))])
+        fd, ks, vs = _v3_conntrack(d)
+        ten_s_ago = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 10 * 10**9
+        flows = {40600: "10.244.4.1", 40601: "10.244.4.2", 40602: "10.244.4.2",
+                 40603: "10.244.4.1"}
+        for port, be in flows.items():
+            sid, bid, _ = bind[be]  # type: ignore[misc]
+            key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port, 80, TCP)
+            val = _CT.pack(ten_s_ago, bid, sid, bytes(16), 0, 0, 0)
+            assert kernel.map_update_elem(fd, ctypes.create_string_buffer(key, ks),
+                                          ctypes.create_string_buffer(val, vs)) == 0
+        layouts._slot(d.bpf.maps, layouts._PREV_IMPORT, fd)
+        before = d.stats()
+        for port in (40600, 40601, 40602, 40603):  # mid-connection: an ACK, no SYN
+            ret, out = ingress(d, frame(CLIENT, vip, port, 80, TCP, b"data", flags=0x18))
+            p = parse(out)
+            assert ret == TC_ACT_OK and (p.dst, p.dport) == (flows[port], 8080), port
+            assert p.ip_csum_ok and p.l4_csum_ok
+        after = d.stats()
+        assert after["ct_import"] - before["ct_import"] == 4
+        assert after["new_flow"] == before["new_flow"]
+        ctm = BpfMap(d.bpf["conntrack"], "conntrack")
+        key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), 40600, 80, TCP)
+        assert _CT.unpack(ctm.lookup(key) or b"")[6] == 1  # the carried generation
+        # converted by age into the new clock, and v3's CLOSING (FIN or RST alike, 10 s
+        # there) as CLOSING|RST: 5 s after it the flow is still used, 30 s after not
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        sid, bid, _ = bind["10.244.4.1"]  # type: ignore[misc]
+        for port, age, kept in ((40604, 5, True), (40605, 30, False)):
+            key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port, 80, TCP)
+            val = _CT.pack(now_ns - age * 10**9, bid, sid, bytes(16), 0, 0x1, 0)
+            kernel.map_update_elem(fd, ctypes.create_string_buffer(key, ks),
+                                   ctypes.create_string_buffer(val, vs))
+            before = d.stats()
+            ingress(d, frame(CLIENT, vip, port, 80, TCP, flags=0x10))
+            after = d.stats()
+            assert after["ct_import"] - before["ct_import"] == 1, port
+            assert after["new_flow"] - before["new_flow"] == (0 if kept else 1), (port, age)
+        layouts._slot(d.bpf.maps, layouts._PREV_IMPORT, None)
+        before = d.stats()
+        for port in range(40610, 40618):
+            key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port, 80, TCP)
+            val = _CT.pack(ten_s_ago, bind["10.244.4.1"][1], bind["10.244.4.1"][0],  # type: ignore[index]
+                           bytes(16), 0, 0, 0)
+            kernel.map_update_elem(fd, ctypes.create_string_buffer(key, ks),
+                                   ctypes.create_string_buffer(val, vs))
+            ingress(d, frame(CLIENT, vip, port, 80, TCP, flags=0x18))
+        after = d.stats()
+        assert after["ct_import"] == before["ct_import"]
+        assert after["new_flow"] - before["new_flow"] == 8
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        d.cleanup()
+
+
+def test_a_rollback_export_carries_the_flows_opened_after_it() -> None:
+    """A stop (SIGTERM before a rollback: close() with rollback_export) leaves the
+    previous layout's conntrack pinned and in ct_prev's export slot: a flow the
+    programs open after it (while the older kpr starts) is in that table too, in
+    that layout's format, and a SYN no longer waits in half_open (the older layout
+    has none)."""
+    import os
+    import time
+
+    from controller.datapaths.ebpf import layouts
+    from controller.datapaths.ebpf.handover import _CT, _tuple
+
+    vip, bes = "10.96.0.121", [("10.244.4.11", 8080), ("10.244.4.12", 8080)]
+    d = new_datapath(rollback_export=True)
+    d.load()
+    try:
+        assert d.bpf is not None and d.maps is not None
+        d.sync(State([entry(vip, 80, Protocol.TCP, bes)]), None)
+        ingress(d, frame(CLIENT, vip, 40700, 80, TCP, flags=0x02))  # before: copied
+        ingress(d, frame(CLIENT, vip, 40700, 80, TCP, flags=0x10))
+        d.close()  # the export, and KPR_STATE_F_COEXIST
+        before = d.stats()
+        chosen = {}
+        for port in (40701, 40702, 40703):
+            p = parse(ingress(d, frame(CLIENT, vip, port, 80, TCP, flags=0x02))[1])
+            chosen[port] = p.dst
+        after = d.stats()
+        assert after["ct_export"] - before["ct_export"] == 3
+        assert after["ct_half_open"] == before["ct_half_open"]
+        path = d.cfg.pin_dir / f"conntrack_v{layouts.PREVIOUS}"
+        v3 = layouts._open(path, "conntrack_v3")
+        try:
+            now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            for port in (40700, 40701, 40702, 40703):
+                key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port,
+                             80, TCP)
+                raw = v3.lookup(key)
+                assert raw is not None, port
+                seen, bid, _, _, _, flags, pad = _CT.unpack(raw)
+                be = kernel_backend(d, bid)
+                if port in chosen:
+                    assert be == chosen[port], port
+                assert pad == 0 and flags == 0 and 0 <= now_ns - seen < 30 * 10**9
+        finally:
+            os.close(v3.fd)
+    finally:
+        d.cleanup()
+
+
+def kernel_backend(d: EbpfDatapath, bid: int) -> str:
+    """The address of backend id ``bid`` in the backends array."""
+    from controller.datapaths.ebpf.maps import BpfMap
+
+    assert d.bpf is not None
+    raw = BpfMap(d.bpf["backends"], "backends").lookup(struct.pack("=I", bid))
+    assert raw is not None
+    return str(ipaddress.ip_address(raw[12:16]))
+
+
+def test_a_syn_skips_half_open_while_another_build_may_see_its_reply() -> None:
+    """While start() attaches (or after a stop), another build's programs may handle
+    a flow's other packets, and builds before half_open do not read it: with
+    KPR_STATE_F_COEXIST a SYN's entries go in conntrack and the main reply-side maps,
+    and the reply is reverse-NATed from there; without it, in half_open."""
+    from controller.datapaths.ebpf import loader
+    from controller.datapaths.ebpf.datapath import STATE_F_COEXIST
+
+    vip, be = "10.96.0.122", "10.244.4.21"
+    d = new_datapath()
+    d.load()
+    try:
+        assert d.bpf is not None
+        d.sync(State([entry(vip, 80, Protocol.TCP, [(be, 8080)])]), None)
+        for port, coexist in ((40800, True), (40801, False)):
+            loader.set_state(d.bpf.maps, STATE_F_COEXIST if coexist else 0)
+            before = d.stats()
+            p = parse(ingress(d, frame(CLIENT, vip, port, 80, TCP, flags=0x02))[1])
+            assert (p.dst, p.dport) == (be, 8080)
+            r = parse(egress(d, frame(be, CLIENT, 8080, port, TCP, flags=0x12))[1])
+            assert (r.src, r.sport) == (vip, 80)  # the SYN-ACK, either way
+            after = d.stats()
+            assert after["ct_half_open"] - before["ct_half_open"] == (0 if coexist else 1)
+            ct = d.bpf["conntrack"]
+            from controller.datapaths.ebpf.handover import _tuple
+            from controller.datapaths.ebpf.maps import BpfMap
+            key = _tuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(vip), port, 80, TCP)
+            assert (BpfMap(ct, "conntrack").lookup(key) is not None) == coexist
+    finally:
+        d.cleanup()

@@ -1,8 +1,9 @@
 """The IPVS datapath's tests, in a VM: this machine's kernel is built without IPVS,
 so tests/vm/qemu.py boots Debian's kernel (which has it, as modules) with the host's
 root file system, and runs there, unchanged, the shared flow table with
-``--datapath ipvs``, tests/test_ipvs.py, and the IPVS cases of tests/test_classic.py
-and tests/test_switch.py. One boot for all of them."""
+``--datapath ipvs``, tests/test_ipvs.py, and the IPVS cases of tests/test_classic.py,
+tests/test_switch.py and the continuity rows (tests/continuity/test_events.py).
+One boot for all of them."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_ipvs_datapath_passes_the_flow_table_in_a_vm() -> None:
     cmd = (f"cd {ROOT} && CI={os.environ.get('CI', '')} PYTHONDONTWRITEBYTECODE=1 "
            f"{sys.executable} -m pytest -p no:cacheprovider -q -rs --color=no "
            f"--durations=10 tests/test_scenarios.py --datapath ipvs tests/test_ipvs.py "
-           f"tests/test_classic.py tests/test_switch.py -k ipvs")
+           f"tests/test_classic.py tests/test_switch.py tests/continuity/test_events.py -k ipvs")
     r = qemu.run(cmd, timeout=900)
     print(r.output)
     assert r.rc == 0, r.output[-6000:] or r.console[-4000:]

@@ -2,8 +2,8 @@
 to nftables when bpf() is denied, and a restart with another datapath (every one
 this machine has: ebpf, nftables, iptables over both back ends) under live
 traffic leaves nothing of the previous one behind. The switches into and out of
-IPVS run in the VM (tests/test_ipvs_vm.py): this kernel has no IPVS, and the VM's
-has no headers for bcc, so each has its own sequence."""
+IPVS run in the VM (tests/test_ipvs_vm.py): this kernel has no IPVS, so each has
+its own sequence."""
 
 from __future__ import annotations
 
@@ -215,4 +215,12 @@ def test_switching_datapaths_under_traffic_leaves_nothing_behind(
     # before the old one goes); only a connection in flight at the moment its
     # translation changes hands can break.
     assert len(load.failed) <= 3, load.failed
+    # Every mode holds the clsact qdisc on the links eBPF attaches to, so a switch
+    # only adds and removes filters: grafting or deleting the qdisc drops what the
+    # link sends for a moment (tc.py). `kpr cleanup` removes it (test_traffic.py).
+    for n in ("a", "b", "client"):
+        qd = in_netns(node.tb.node, lambda n=n: subprocess.run(
+            ["tc", "qdisc", "show", "dev", node.tb.pods[n].host_if], capture_output=True,
+            text=True).stdout)
+        assert "clsact" in qd, (n, qd)
     node.stop(p)

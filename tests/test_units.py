@@ -263,11 +263,44 @@ def test_file_source_rereads_on_atomic_rename_and_keeps_good_state(tmp_path: Pat
     assert st[fe("10.96.0.10")].backends == (be("10.0.0.2"),)
     assert any("Service default/web: spec.ports[0].port" in e for e in errors)
 
-    # A file that does not parse changes nothing.
+    # A file that does not parse changes nothing (written in place: read on the
+    # second poll that sees it unchanged).
     path.write_text("kind: Service\n  bad: [indent")
+    assert not src.poll() and not any("cannot read source" in e for e in errors)
     assert not src.poll()
     assert t.pending() == (0, 0)
     assert any("cannot read source" in e for e in errors)
+
+
+def test_file_source_never_reads_a_file_half_written_in_place(tmp_path: Path) -> None:
+    """An in-place writer truncates, then writes: a poll in between sees an empty
+    file, which must not remove every Service."""
+    path = tmp_path / "svc.yaml"
+    good = [service_obj("web", "10.96.0.10", PORTS), slice_obj("web", ["10.0.0.1"], TPORTS)]
+    write_objects(str(path), good)
+    t = ChangeTracker()
+    src = FileSource(path, t)
+    assert src.poll() and t.apply() and len(t.state()) == 1
+    text = path.read_text()
+    with open(path, "w") as f:  # truncated; the poll comes before the write
+        f.flush()
+        assert not src.poll()
+        f.write(text.replace("10.0.0.1", "10.0.0.2"))
+    assert not src.poll()  # changed since the last poll: not yet
+    assert t.pending() == (0, 0) and len(t.state()) == 1
+    assert src.poll() and t.apply()  # held for one interval: read
+    assert t.state()[fe("10.96.0.10")].backends == (be("10.0.0.2"),)
+    # a new file in a directory source waits too; a rename over one does not
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_objects(str(d / "a.yaml"), good)
+    t2 = ChangeTracker()
+    src2 = FileSource(d, t2)
+    assert src2.poll() and t2.apply()
+    write_objects(str(d / "a.yaml"), [good[0], slice_obj("web", ["10.0.0.3"], TPORTS)])
+    assert src2.poll()  # replaced whole: at once
+    write_objects(str(d / "b.yaml"), [service_obj("b", "10.96.0.12", PORTS)])
+    assert not src2.poll() and src2.poll()
 
 
 # ----- bounded frequency runner -----------------------------------------------------------
@@ -456,3 +489,44 @@ def test_backend_ids_fresh_first_then_the_longest_free_each_with_a_newer_generat
     # read back after a restart: 2 and 3 live, the array's newest generation 9
     ids.reset(3, [1], 9)
     assert [ids.take() for _ in range(2)] == [(4, 10), (1, 11)]
+
+
+@pytest.mark.parametrize("classic_rules", [True, False])
+def test_takeover_waits_for_netfilter_only_while_classic_rules_exist(classic_rules: bool) -> None:
+    """A switch from a classic datapath puts the services in SYN_ONLY (netfilter may
+    still open flows); a first start must not, or its first datagrams go to rules
+    that do not exist and are lost."""
+    import struct
+
+    from controller.datapaths.ebpf import handover
+    from controller.datapaths.ebpf.maps import Plan
+
+    value = struct.pack("=IHH", 7, 2, 0x1) + bytes(8)
+    plan = Plan(svc_write={b"k": value})
+    t = handover.Takeover(250, guard=classic_rules)
+    assert t.seed(None, frozenset(), None, plan, flows=[]) == 0  # type: ignore[arg-type]
+    flags = struct.unpack_from("=H", plan.svc_write[b"k"], handover._SVC_FLAGS)[0]
+    assert bool(flags & handover.SVC_F_SYN_ONLY) == classic_rules
+    assert flags & ~handover.SVC_F_SYN_ONLY == 0x1
+
+
+def test_ipvs_connections_are_read_from_its_table() -> None:
+    """/proc/net/ip_vs_conn lines (ip_vs_conn_seq_show's formats): the live TCP and
+    UDP connections, ports in hex, IPv4 as hex, IPv6 as text; ended ones skipped."""
+    import ipaddress
+
+    from controller.nfct import _ipvs_conn
+
+    ip = ipaddress.ip_address
+    f = _ipvs_conn("TCP 0AF40002 C350 0A60000A 0050 0AF40003 1F90 ESTABLISHED     899")
+    assert f is not None and (f.client, f.cport, f.frontend, f.fport, f.backend, f.bport) == (
+        ip("10.244.0.2"), 50000, ip("10.96.0.10"), 80, ip("10.244.0.3"), 8080)
+    assert not f.closing and f.snat is None
+    g = _ipvs_conn("TCP fd00:0244:0000:0000:0000:0000:0000:0002 C351 "
+                   "fd00:0096:0000:0000:0000:0000:0000:000a 0050 "
+                   "fd00:0244:0000:0000:0000:0000:0000:0003 1F90 CLOSE_WAIT       59")
+    assert g is not None and g.client == ip("fd00:244::2") and g.closing
+    u = _ipvs_conn("UDP 0AF40002 C352 0A60000A 0035 0AF40003 14E9 UDP             299")
+    assert u is not None and u.proto == 17 and u.bport == 5353
+    assert _ipvs_conn("TCP 0AF40002 C353 0A60000A 0050 0AF40003 1F90 TIME_WAIT       119") is None
+    assert _ipvs_conn("Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires") is None

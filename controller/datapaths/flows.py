@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def udp_backends(e: ServiceEntry) -> tuple[Backend, ...]:
-    """Every endpoint a UDP frontend may send a flow to (local and cluster-wide)."""
-    return tuple(Backend(b.ip, b.port) for b in e.backends + e.cluster_backends)
+    """Every endpoint a UDP frontend's flows may be on: those it sends new flows to
+    (local and cluster-wide) and the terminating ones still serving (draining). A
+    flow's entries are deleted only once its endpoint stops serving, as kube-proxy
+    does (pkg/proxy/conntrack: it clears the entries of endpoints that left the
+    serving set), so a terminating pod answers its UDP clients until it goes."""
+    return tuple(Backend(b.ip, b.port) for b in e.backends + e.cluster_backends + e.draining)
 
 
 class UdpFlows:

@@ -10,6 +10,13 @@ re-reads everything when it changes; an atomic rename over a file changes its in
 so it counts as a change even within one mtime tick. Each reload is compared object
 by object with the previous one, so the tracker sees only real changes.
 
+A file replaced whole (a new inode: the atomic rename kubectl-style tools and
+ConfigMap mounts do) is read at once. A file written in place, or new in a
+directory, may be half written: it is read once its signature held for one poll
+interval. Found in the VM, where emulation widens the moment between an in-place
+writer's truncate and its write: a manifest read there as empty removed every
+Service, and the unparsable rest then "kept" nothing (32 of 32 flows reset).
+
 Errors never harm what is programmed:
 * a file that cannot be read or parsed keeps every object of the previous reload;
 * an object that fails validation is reported by name and field, and its last valid
@@ -80,6 +87,20 @@ def signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(sig)
 
 
+def replaced_whole(old: tuple[tuple[str, int, int, int], ...] | None,
+                   new: tuple[tuple[str, int, int, int], ...]) -> bool:
+    """Is every file that differs between two signatures gone or replaced by a new
+    inode (so complete), none written in place or new (maybe half written)?"""
+    if old is None:
+        return True  # the first read: nothing programmed to protect yet
+    before = {name: (ino, rest) for name, ino, *rest in old}
+    for name, ino, *rest in new:
+        prev = before.get(name)
+        if prev is None or (prev[0] == ino and prev[1] != rest):
+            return False
+    return True
+
+
 def _documents(p: Path) -> Iterator[Any]:
     text = p.read_text()
     if p.suffix == ".json":
@@ -141,6 +162,8 @@ class FileSource:
         self.on_change = on_change or (lambda: None)
         self.on_error = on_error or (lambda msg: None)
         self._sig: tuple[tuple[str, int, int, int], ...] | None = None
+        self._pending: tuple[tuple[str, int, int, int], ...] | None = None
+        """A signature written in place, seen once: read if the next poll sees it."""
         self._services: dict[ObjectKey, Service] = {}
         self._slices: dict[ObjectKey, EndpointSlice] = {}
         self.synced = threading.Event()
@@ -154,7 +177,12 @@ class FileSource:
             self._error(f"{self.path}: {e}")
             return False
         if sig == self._sig:
+            self._pending = None
             return False
+        if not replaced_whole(self._sig, sig) and sig != self._pending:
+            self._pending = sig  # maybe half written: read it if it holds
+            return False
+        self._pending = None
         try:
             snap = load(self.path)
         except SourceError as e:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     bpf = loader.compile_program(args.pin_dir, loader.MapSizes(**json.loads(args.sizes)),
                                  hz=args.hz,
                                  timeouts=loader.Timeouts(**json.loads(args.timeouts)))
+    for name in loader.STAGED_MAPS:  # unpinned maps: the parent opens them from here
+        kernel.obj_pin(bpf[name].map_fd, args.stage / name)
     for name in loader.TC_PROGRAMS:
         kernel.obj_pin(bpf.load_func(f"kpr_{name}", BPF.SCHED_CLS).fd, args.stage / name)
     for name, attach_type in json.loads(args.programs):

@@ -9,7 +9,8 @@ Lifecycle:
 * ``close()`` stops the link watcher and leaves everything in place: the filters keep
   the programs loaded and the programs keep the maps, so forwarding continues while
   kpr is down or restarting, as kube-proxy's rules do.
-* ``cleanup()`` removes the filters, the clsact qdiscs left empty, and the pins.
+* ``cleanup()`` removes the filters, the clsact qdiscs left empty, and the pins
+  (a datapath switch keeps the qdiscs: tc.py).
 
 Instances are isolated by pin directory (``<bpffs>/kpr/<instance>``) and, for tc, by
 network namespace; tests and simulated nodes run several on one machine.
@@ -25,15 +26,16 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from controller import kernel
 from controller.datapaths.base import DatapathError, Probe, SyncResult
-from controller.datapaths.ebpf import loader, nodenet, sock, tc
+from controller.datapaths.ebpf import handover, layouts, loader, nodenet, sock, tc
 from controller.datapaths.ebpf.maps import (
     BpfMap,
     Key,
     MapOpError,
+    Plan,
     SCOPE_EXTERNAL,
     Record,
     ServiceMaps,
@@ -46,6 +48,7 @@ from controller.netns import in_netns, open_ipr
 log = logging.getLogger(__name__)
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/kpr")
+STATE_F_COEXIST = loader.consts()["STATE_F_COEXIST"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,19 @@ class EbpfConfig:
     timeouts: loader.Timeouts = field(default_factory=loader.Timeouts)
     """Flow lifetimes (kube-proxy's conntrack.tcpEstablishedTimeout and
     tcpCloseWaitTimeout)."""
+    takeover: bool = False
+    """Take over the flows netfilter translates for kpr's frontends (a switch from a
+    classic datapath; handover.Takeover). ``kpr run`` sets it and calls
+    after_switch() after its first sync."""
+    classic_rules: bool = False
+    """A classic datapath's rules are in place at start (a switch to eBPF): until
+    they are removed netfilter may open flows for kpr's frontends, so only a SYN
+    opens a flow here meanwhile (KPR_SVC_F_SYN_ONLY); other new packets go on to
+    those rules. Without them (a first start, a restart) nothing waits."""
+    rollback_export: bool = False
+    """On close(), leave the previous map layout's pins beside this one's, so that a
+    rollback to the previous release keeps every flow (layouts.export_previous).
+    ``kpr run`` sets it; tests that restart in place do not need it."""
 
     @property
     def pin_dir(self) -> Path:
@@ -112,6 +128,11 @@ class EbpfDatapath:
         self.node: nodenet.NodeNet | None = None
         """The node facts last written to the maps."""
         self._cookie = 0
+        self._hz = 0
+        self._upgrade: layouts.Upgrade | None = None
+        self._takeover: handover.Takeover | None = None
+        """Flows netfilter translated when this datapath started (a switch from a
+        classic datapath): seeded by the first full sync, taken by after_switch()."""
 
     # ----- protocol -------------------------------------------------------------------
 
@@ -134,6 +155,9 @@ class EbpfDatapath:
     def start(self) -> None:
         """Compile, load, adopt pinned state, attach."""
         self.load()
+        # until every interface has these programs, the ones they replace may see
+        # some packets of a flow these open (kpr_maps.h, lb_state)
+        self._coexist(True)
         self.refresh_node()
         if self.cfg.interfaces:
             self.attacher = tc.TcAttacher(self.cfg.interfaces, self.prog_fds["ingress"],
@@ -146,17 +170,40 @@ class EbpfDatapath:
             except OSError as e:
                 raise DatapathError(f"attaching socket programs to cgroup {self.cfg.cgroup}: "
                                     f"{e}") from e
+        if self._upgrade is not None:
+            assert self.bpf is not None
+            try:
+                self._upgrade.finish(self.bpf.maps)
+            except (OSError, MapOpError) as e:
+                log.error("finishing the upgrade from layout v%d: %s (flows opened "
+                          "during the upgrade may be re-balanced)", layouts.PREVIOUS, e)
+            self._upgrade = None
+        self._coexist(False)  # every interface has these programs now
 
     def load(self) -> None:
         """Compile and load the programs and maps, without attaching."""
         if self.bpf is not None:
             return
+        hz = kernel.clock_hz() if self.cfg.clock_hz is None else self.cfg.clock_hz
+        self._hz = hz
+        kernel.ensure_bpffs()
         try:
-            hz = kernel.clock_hz() if self.cfg.clock_hz is None else self.cfg.clock_hz
+            self._upgrade = layouts.Upgrade.prepare(self.cfg.pin_dir, self.cfg.sizes, hz)
+        except layouts.LayoutError as e:
+            raise DatapathError(str(e)) from e
+        try:
             self.bpf = loader.load(self.cfg.pin_dir, self.cfg.sizes, programs=sock.PROGRAMS,
                                    hz=hz, timeouts=self.cfg.timeouts)
         except loader.CompileError as e:
             raise DatapathError(str(e)) from e
+        self._takeover = handover.Takeover(
+            hz, self.cfg.netns, guard=self.cfg.classic_rules) if self.cfg.takeover else None
+        if self._upgrade is not None:
+            try:
+                self._upgrade.convert(self.bpf.maps)
+            except (OSError, MapOpError) as e:
+                log.error("converting the maps of layout v%d failed: %s; their flows are "
+                          "not carried over", layouts.PREVIOUS, e)
         self.prog_fds = dict(self.bpf.prog_fds)
         self.maps = ServiceMaps(self.bpf, self.cfg.sizes.maglev_size)
         self.node_maps = nodenet.NodeMaps(self.bpf)
@@ -224,7 +271,7 @@ class EbpfDatapath:
                     self.unprogrammed = {}
                     ops = self.maps.full_sync(
                         (r for e in state.values() for r in self._records(e) or ()),
-                        functools.partial(self._wanted, state))
+                        functools.partial(self._wanted, state), self._seed_hook())
                 else:
                     upserted: list[Record] = []
                     removed: list[Key] = []
@@ -242,17 +289,62 @@ class EbpfDatapath:
                 raise DatapathError(str(e)) from e
             return SyncResult(full=diff is None, ops=ops, frontends=self.maps.programmed())
 
+    def _seed_hook(self) -> Callable[[Plan], None] | None:
+        """While flows wait to be taken over from netfilter: a hook that writes them
+        into conntrack before the services entries go in (handover.Takeover)."""
+        t, maps, bpf = self._takeover, self.maps, self.bpf
+        if t is None or maps is None or bpf is None:
+            return None
+        addrs = frozenset(self.node.addresses) if self.node is not None else frozenset()
+        ct_map = BpfMap(bpf["conntrack"], "conntrack")
+
+        def hook(plan: Plan) -> None:
+            t.seed(maps, addrs, ct_map, plan)
+
+        return hook
+
+    def after_switch(self) -> None:
+        """The previous datapath is removed (after the first sync): take over the
+        flows netfilter translated for it (handover.Takeover.finish)."""
+        t, self._takeover = self._takeover, None
+        if t is None or self.bpf is None or self.maps is None:
+            return
+        addrs = frozenset(self.node.addresses) if self.node is not None else frozenset()
+        with self._lock:
+            t.finish(self.maps, addrs, {n: BpfMap(self.bpf[n], n) for n in (
+                "conntrack", "revnat", "snat", "unsnat", "services")})
+
     def dump(self) -> State:
         assert self.maps is not None, "start() first"
         return self.maps.dump()
 
+    def _coexist(self, on: bool) -> None:
+        """Set or clear KPR_STATE_F_COEXIST: whether another build's programs may run
+        beside these (an attach or a stop in progress; see kpr_maps.h, lb_state)."""
+        if self.bpf is None:
+            return
+        try:
+            loader.set_state(self.bpf.maps, STATE_F_COEXIST if on else 0)
+        except OSError as e:
+            log.warning("eBPF datapath: %s", e)
+
     def close(self) -> None:
         if self.attacher:
             self.attacher.stop()
+        # the programs stay; whichever build starts next may not know half_open
+        self._coexist(True)
+        if self.cfg.rollback_export and self.bpf is not None:
+            with self._lock:
+                try:
+                    layouts.export_previous(self.cfg.pin_dir, self.bpf.maps, self._hz)
+                except (OSError, MapOpError) as e:
+                    log.error("leaving layout v%d's maps for a rollback failed: %s",
+                              layouts.PREVIOUS, e)
 
     def cleanup(self) -> None:
-        self.close()
-        cleanup(self.cfg.pin_dir, self.cfg.netns)
+        if self.attacher:
+            self.attacher.stop()
+        cleanup(self.cfg.pin_dir, self.cfg.netns, keep_qdisc=False)
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
@@ -278,11 +370,13 @@ class EbpfDatapath:
         return self.maps.fill()
 
 
-def cleanup(pin_dir: Path | None, netns: str | None = None) -> int:
-    """Remove kpr's tc filters in the namespace and the pin directory (idempotent).
+def cleanup(pin_dir: Path | None, netns: str | None = None, keep_qdisc: bool = True) -> int:
+    """Remove kpr's tc filters in the namespace and the pin directory (idempotent);
+    the clsact qdiscs too unless ``keep_qdisc`` (a datapath switch keeps them:
+    tc.py's module docstring).
 
     With ``pin_dir=None`` every instance under the default pin root is removed."""
-    removed = tc.detach_all(netns)
+    removed = tc.detach_all(netns, keep_qdisc=keep_qdisc)
     target = pin_dir if pin_dir is not None else DEFAULT_PIN_ROOT
     if target.exists():
         shutil.rmtree(target)  # unlinking pins; maps die with their last user

@@ -56,6 +56,10 @@ class MapSizes:
     """Fragmented datagrams in flight (LRU)."""
     affinity: int = 65536
     """(service, client) pairs remembered for sessionAffinity ClientIP (LRU)."""
+    half_open: int = 65536
+    """Entries of half-open TCP flows (LRU; up to four per flow: conntrack and the
+    reply side), apart from established ones so that a SYN flood evicts only its
+    own kind."""
     maglev: int = 1024
     """Services using Maglev (one lookup table each)."""
     maglev_size: int = 16381
@@ -68,7 +72,8 @@ class MapSizes:
                 f"-DKPR_MAX_BACKENDS={self.backends}", f"-DKPR_MAX_CT={self.conntrack}",
                 f"-DKPR_MAX_FRAG={self.frag}", f"-DKPR_MAX_AFFINITY={self.affinity}",
                 f"-DKPR_MAX_MAGLEV={self.maglev}", f"-DKPR_MAGLEV_SIZE={self.maglev_size}",
-                f"-DKPR_MAX_SRC_RANGES={self.source_ranges}"]
+                f"-DKPR_MAX_SRC_RANGES={self.source_ranges}",
+                f"-DKPR_MAX_HALF_OPEN={self.half_open}"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +141,7 @@ _PINNED: list[tuple[str, str]] = [(name + LAYOUT, attr) for name, attr in [
     ("snat", "conntrack"), ("unsnat", "conntrack"), ("frags", "frag"),
     ("svc_names", "services"), ("affinity", "affinity"), ("maglev", "maglev"),
     ("src_ranges", "source_ranges"), ("cluster_ips", "services"),
-    ("sock_revnat", "conntrack"),
+    ("sock_revnat", "conntrack"), ("half_open", "half_open"),
 ]]
 
 
@@ -144,16 +149,9 @@ _EXTRA = {"backends" + LAYOUT: 1}
 """Entries a map has beyond its MapSizes capacity: the backends array's index 0,
 which is never an id (a slot holding 0 finds a free entry)."""
 
-_OLD_LAYOUT = re.compile(r"[a-z0-9_]+_v[0-9]+")
-
-
 def _unpin_mismatched(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR) -> None:
-    # Maps of an earlier layout: the programs no longer read them (their pins would
-    # hold the memory until the directory is removed).
-    for path in pin_dir.iterdir():
-        if _OLD_LAYOUT.fullmatch(path.name) and not path.name.endswith(LAYOUT):
-            log.warning("pinned map %s is of an earlier layout: removing it", path)
-            path.unlink()
+    # Pins of other layouts are layouts.py's: migrated, kept for a rollback, or
+    # refused (a newer layout in use), before this runs.
     for fname, attr in _PINNED:
         path = pin_dir / fname
         info = kernel.pinned_map_info(path)
@@ -217,8 +215,14 @@ class MapHandle:
 MAP_NAMES = ("services", "backend_slots", "backends", "members", "maglev", "conntrack",
              "revnat", "snat", "unsnat", "affinity", "src_ranges", "local_cidrs",
              "cluster_ips", "node_addrs", "node_config", "sock_revnat", "frags",
-             "svc_names", "stats")
+             "svc_names", "stats", "half_open")
 """Every map of kpr_maps.h, by its C name (pinned as name + LAYOUT)."""
+
+STAGED_MAPS = ("ct_prev", "lb_state")
+"""Maps of kpr_maps.h that are never pinned (each load has its own) but that the
+controller writes: the build child pins them in the staging directory for load()
+to open. ct_prev: the previous layout's conntrack during an upgrade or a rollback
+export (layouts.py); lb_state: the load's KPR_STATE_F_* flags (set_state)."""
 
 TC_PROGRAMS = ("ingress", "egress")
 """The tc programs: kpr_<name>, BPF_PROG_TYPE_SCHED_CLS."""
@@ -259,6 +263,19 @@ def open_maps(pin_dir: Path) -> dict[str, MapHandle]:
             os.close(m.fd)
         raise
     return out
+
+
+def set_state(maps: dict[str, MapHandle], flags: int) -> None:
+    """Write a load's lb_state (KPR_STATE_F_*; see kpr_maps.h)."""
+    import ctypes
+
+    h = maps.get("lb_state")
+    if h is None:
+        return
+    key, val = ctypes.c_uint32(0), ctypes.c_uint32(flags)
+    if kernel.map_update_elem(h.fd, key, val) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"lb_state: update: {os.strerror(err)}")
 
 
 class CompileError(RuntimeError):
@@ -303,12 +320,18 @@ def load(pin_dir: Path, sizes: MapSizes, bpf_dir: Path = BPF_DIR,
             raise CompileError(f"compiling the BPF programs failed (exit {p.returncode}):\n"
                                f"{tail}")
         fds: dict[str, int] = {}
+        maps: dict[str, MapHandle] = {}
         try:
             for name in (*TC_PROGRAMS, *(n for n, _ in programs)):
                 fds[name] = kernel.obj_get(stage / name)
             maps = open_maps(pin_dir)
+            for name in STAGED_MAPS:
+                fd = kernel.obj_get(stage / name)
+                info = kernel.map_info(fd)
+                maps[name] = MapHandle(fd, info.key_size, info.value_size,
+                                       info.max_entries, info.type)
         except OSError:
-            for fd in fds.values():
+            for fd in [*fds.values(), *(m.fd for m in maps.values())]:
                 os.close(fd)
             raise
         return Loaded(fds, maps)

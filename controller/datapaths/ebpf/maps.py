@@ -979,8 +979,11 @@ class ServiceMaps:
 
     # ----- applying -------------------------------------------------------------------
 
-    def apply(self, plan: Plan) -> int:
+    def apply(self, plan: Plan, before_services: Callable[[Plan], None] | None = None) -> int:
         """Write the plan to the kernel in the consistent order; returns ops done.
+        ``before_services`` runs once the backends, slots and tables are written and
+        before the services entries that make the programs use them (handover.py
+        seeds conntrack there).
 
         Integer keys and values are laid out with array('I') (native order, as the
         maps' "=" structs) straight from the plan's dicts and sets: building a
@@ -992,6 +995,8 @@ class ServiceMaps:
         self.maglev.update_packed(_u32s(plan.maglev_write),
                                   b"".join(plan.maglev_write.values()))
         self.ranges.update((pack_range(sid, n), _ONE) for sid, n in plan.range_write)
+        if before_services is not None:
+            before_services(plan)
         self.services.update_packed(b"".join(pack_svc_key(*key) for key in plan.svc_write),
                                     b"".join(plan.svc_write.values()))
         self.vips.update_packed(b"".join(map(pack_addr, plan.vip_write)),
@@ -1033,7 +1038,8 @@ class ServiceMaps:
     # ----- entry points ---------------------------------------------------------------
 
     def full_sync(self, recs: Iterable[Record],
-                  wanted: Callable[[Key], bool] | None = None) -> int:
+                  wanted: Callable[[Key], bool] | None = None,
+                  before_services: Callable[[Plan], None] | None = None) -> int:
         """Program exactly ``recs``: adopt what the kernel holds, write what differs,
         prune the rest.
 
@@ -1059,7 +1065,7 @@ class ServiceMaps:
                         ((r.key, r) for r in recs))
         unrefs: list[int] = []
         while chunk := list(islice(changes, FULL_SYNC_CHUNK)):
-            ops += self.apply(self.plan(chunk, unrefs=unrefs))
+            ops += self.apply(self.plan(chunk, unrefs=unrefs), before_services)
         last = Plan()
         self.release(unrefs, last)
         # a table read back whose service no longer uses Maglev
@@ -1071,6 +1077,20 @@ class ServiceMaps:
         changes: list[tuple[Key, Record | None]] = [(k, None) for k in removed]
         changes += [(r.key, r) for r in upserted]
         return self.apply(self.plan(changes))
+
+    def binding(self, f: Frontend, b: Backend) -> tuple[int, int, int] | None:
+        """What a conntrack entry of a flow from frontend ``f`` to backend ``b`` holds,
+        (svc_id, backend id, generation), when both are programmed (planned and
+        written: a flow handed over from netfilter, handover.py); else None."""
+        s = self._svc.get((f, SCOPE_EXTERNAL))
+        v = self._be.get(_bkey(b, f.protocol))
+        if s is None or v is None:
+            return None
+        bid = v & _ID
+        raw = self.backends.lookup(_U32.pack(bid))
+        if raw is None or not raw[_BE_PROTO]:
+            return None
+        return s.svc_id, bid, _U32.unpack_from(raw, _BACKEND.size)[0]
 
     def programmed(self) -> int:
         """Frontends programmed now (from the shadow; twins not counted). A counter

@@ -357,6 +357,22 @@ class IptablesDatapath:
         cleanup(self.cfg.netns, (self.backend,))
 
 
+def installed(netns: str | None = None, backends: tuple[str, ...] = BACKENDS) -> bool:
+    """Whether kpr's nat chains are in place in either family and back end
+    (read-only)."""
+    pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    for backend in backends:
+        for v in (4, 6):
+            save = _tool(v, backend, "save")
+            if shutil.which(save) is None:
+                continue
+            p = subprocess.run([*pre, save, "-t", "nat"], capture_output=True, text=True)
+            if p.returncode == 0 and any(
+                    c.startswith(render.PREFIX) for c in parse_save(p.stdout).get("nat", {})):
+                return True
+    return False
+
+
 def cleanup(netns: str | None = None, backends: tuple[str, ...] = BACKENDS) -> int:
     """Delete kpr's chains and its jumps from the built-in chains, in both families
     and the given back ends (idempotent); returns how many chains existed.

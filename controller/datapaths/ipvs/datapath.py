@@ -12,8 +12,11 @@ table ``kpr-ipvs`` (render.py explains the layout).
 * Graceful termination: a real server that leaves a TCP or SCTP service is first
   given weight 0 (no new connections; open ones carry on), and removed once IPVS
   counts no connection to it (active or inactive), or after ``graceful_period``.
-  A UDP real server goes at once, and its flows' conntrack entries with it
-  (controller/datapaths/flows.py): ``expire_nodest_conn`` then balances each flow's
+  A UDP real server that is terminating but still serving (the entry's draining
+  endpoints) is kept at weight 0 too, so its flows keep it while it answers
+  (kube-proxy's IPVS mode deletes it at once, and they move); once it leaves the
+  slice or stops serving, a UDP real server goes at once, and its flows' conntrack
+  entries with it (controller/datapaths/flows.py): ``expire_nodest_conn`` then balances each flow's
   next datagram afresh. (While the conntrack entry lives, IPVS drops them: Debian's
   6.1, ip_vs_in() with an "old" conntrack.)
 
@@ -368,7 +371,8 @@ class IpvsDatapath:
                 if d in s.dests:
                     continue
                 graceful = k.protocol in (int(Protocol.TCP), int(Protocol.SCTP)) or \
-                    (k.fwmark and self._fw_proto(k) != int(Protocol.UDP))
+                    (k.fwmark and self._fw_proto(k) != int(Protocol.UDP)) or \
+                    d in s.draining
                 if graceful:
                     if w != 0:
                         ipvs.dest("set", service=self._svc(k),
@@ -612,6 +616,15 @@ def _conns(d: Any) -> int:
     attribute names of the kernel)."""
     return sum(int(d.get(k) or d.get(f"IPVS_DEST_ATTR_{k.upper()}") or 0)
                for k in ("active_conns", "inact_conns"))
+
+
+def installed(netns: str | None = None) -> bool:
+    """Whether the IPVS datapath's dummy link is in place (its services go with it;
+    read-only)."""
+    from controller.netns import open_ipr
+
+    with open_ipr(netns) as ipr:
+        return bool(ipr.link_lookup(ifname=render.LINK))
 
 
 def cleanup(netns: str | None = None) -> int:

@@ -99,6 +99,10 @@ class VService:
     """Persistence timeout in seconds (0: not persistent)."""
     dests: tuple[tuple[str, int], ...]
     """Real servers (address, port), weight 1 each, sorted."""
+    draining: tuple[tuple[str, int], ...] = ()
+    """Real servers that take no new connection but keep the ones they have
+    (weight 0): the entry's draining endpoints (terminating, still serving), sorted.
+    A UDP real server among them stays too, so its flows keep it while it serves."""
 
 
 @dataclass(slots=True)
@@ -160,7 +164,8 @@ def render(e: ServiceEntry, nodeport_ips: tuple[IPAddress, ...], scheduler: str,
         addrs = nodeport_ips if nodeport else (f.ip,)
         for a in addrs:
             k = VKey(v, int(f.protocol), str(a), f.port)
-            r.services[k] = VService(k, sched, timeout, _dests(e.backends))
+            r.services[k] = VService(k, sched, timeout, _dests(e.backends),
+                                     _dests(e.draining))
     elif local and e.flags & ServiceFlag.HAS_ENDPOINTS:
         el[(fam, f"local-drop{sfx}", key)] += 1
     if cluster and mark:

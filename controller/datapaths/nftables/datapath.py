@@ -323,6 +323,16 @@ class NftablesDatapath:
         cleanup(self.cfg.netns)
 
 
+def installed(netns: str | None = None) -> bool:
+    """Whether kpr's nftables tables are in place (read-only; False without nft)."""
+    pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    if shutil.which("nft") is None:
+        return False
+    return any(subprocess.run([*pre, "nft", "list", "table", fam, render.TABLE],
+                              capture_output=True, text=True).returncode == 0
+               for _, fam in FAMILIES)
+
+
 def cleanup(netns: str | None = None) -> int:
     """Delete kpr's nftables tables (idempotent); returns how many existed."""
     pre = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []

@@ -443,10 +443,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(data, sys.stdout, indent=2)
         print()
-        return 0
     if data["datapath"] is None:
-        print(f"nothing programmed: no pinned maps in {data['pin_dir']}, no kpr "
-              "nftables tables and no KPR iptables chains")
+        # exit 1, as a probe or a script needs it: kpr is not running here, or
+        # looked elsewhere (a private /sys, another --bpffs-root or --instance)
+        print(f"kpr status: nothing programmed in this network namespace: no pinned maps "
+              f"in {data['pin_dir']}, no kpr nftables tables, no kpr IPVS services, no KPR "
+              "iptables chains", file=sys.stderr)
+        return 1
+    if args.json:
         return 0
     if data["datapath"] == "nftables":
         print("datapath: nftables   tables: ip kpr, ip6 kpr")

@@ -248,6 +248,13 @@ def test_kpr_run_from_file_status_sigterm_and_cleanup(testbed: Testbed, tmp_path
         assert r.returncode == 0, r.stderr
     assert tc.list_attachments(tb.node) == []
     assert not (TEST_PIN_ROOT / instance).exists()
+    # nothing left: status says so, where it looked, and exits 1 (text and JSON)
+    for extra in ([], ["--json"]):
+        r = subprocess.run(kpr_argv(tb.node, "status", "--instance", instance, "--bpffs-root",
+                                    root, *extra), capture_output=True, text=True)
+        assert r.returncode == 1, (extra, r.stdout, r.stderr)
+        assert "nothing programmed" in r.stderr and str(TEST_PIN_ROOT / instance) in r.stderr
+    assert json.loads(r.stdout)["datapath"] is None
     for n in "abc":
         qd = sh("tc", "-n", tb.node, "qdisc", "show", "dev", tb.pods[n].host_if).stdout
         assert "clsact" not in qd

@@ -14,8 +14,8 @@ Cleanup removes only filters whose name starts with ``kpr/``. The clsact qdisc
 stays unless everything is being removed (``kpr cleanup``, cleanupOnExit), and then
 only when no filter of anyone else's is left on it.
 
-Why the qdisc stays, and why every mode keeps one (:class:`TcAttacher` with
-``hooks_only``): grafting or deleting an ingress/clsact qdisc goes through
+Why the qdisc stays, and why every mode keeps one (:class:`TcAttacher` with no
+programs): grafting or deleting an ingress/clsact qdisc goes through
 qdisc_graft(), which calls dev_deactivate() on a running device (6.1 and 6.18
 alike): its transmit queues point at noop_qdisc for an RCU grace period, and
 every packet the link sends meanwhile is dropped. Measured here: 392 clsact
